@@ -1,0 +1,112 @@
+"""What a valid output is — the one definition the factory gates, eval metrics and live canary share.
+
+``Checker(contract).check(text)`` returns a ``Verdict``: valid or not, a short machine reason
+(``json_parse``, ``schema``, ``label``, ``unknown_tool``, ``tool_arguments``, ``empty``) with a
+human detail, and the parsed value (the label, the JSON object, the list of tool calls).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from pipelines.spec import Contract
+
+
+@dataclass(frozen=True)
+class Verdict:
+    valid: bool
+    reason: str | None = None  # short code, stable for scripts and reports
+    detail: str = ""  # for people: which field, which value
+    value: Any = None
+
+    def __str__(self) -> str:
+        return "valid" if self.valid else f"{self.reason}: {self.detail}" if self.detail else str(self.reason)
+
+
+def _schema_of(contract: Contract) -> dict | None:
+    s = contract.schema_
+    return json.loads(Path(s).read_text()) if isinstance(s, str) else s
+
+
+class Checker:
+    def __init__(self, contract: Contract):
+        self.contract = contract
+        self.type = contract.type
+        schema = _schema_of(contract)
+        self._validator = jsonschema.validators.validator_for(schema)(schema) if schema else None
+        self._labels = {l.strip().lower(): l for l in contract.labels or []}
+        self._tools = {t.name: jsonschema.validators.validator_for(t.parameters)(t.parameters)
+                       for t in contract.tools}
+
+    def check(self, text: str | None) -> Verdict:
+        if text is None or not str(text).strip():
+            return Verdict(False, "empty", "the output is empty")
+        text = str(text).strip()
+        if self.type == "text":
+            return Verdict(True, value=text)
+        if self.type == "label":
+            label = self._labels.get(text.rstrip(".").strip().lower())
+            if label is None:
+                return Verdict(False, "label", f"{_clip(text)!r} is not one of {sorted(self._labels.values())}")
+            return Verdict(True, value=label)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            return Verdict(False, "json_parse", f"{e.msg} at line {e.lineno} column {e.colno}")
+        if self.type == "json":
+            return self._check_schema(value)
+        return self._check_tool_calls(value)
+
+    def _check_schema(self, value: Any) -> Verdict:
+        if self._validator is not None:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                return Verdict(False, "schema", f"{where}: {error.message}", value)
+        return Verdict(True, value=value)
+
+    def _check_tool_calls(self, value: Any) -> Verdict:
+        calls = normalize_tool_calls(value)
+        if calls is None:
+            return Verdict(False, "tool_shape", 'expected {"name": …, "arguments": {…}} or a list of them', value)
+        for call in calls:
+            validator = self._tools.get(call["name"])
+            if validator is None:
+                return Verdict(False, "unknown_tool", f"{call['name']!r} is not one of {sorted(self._tools)}", calls)
+            error = jsonschema.exceptions.best_match(validator.iter_errors(call["arguments"]))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                return Verdict(False, "tool_arguments", f"{call['name']}: {where}: {error.message}", calls)
+        return Verdict(True, value=calls)
+
+
+def normalize_tool_calls(value: Any) -> list[dict] | None:
+    """``{"name", "arguments"}``, OpenAI's ``{"tool_calls": [{"function": …}]}``, or a list of
+    either, as a list of ``{"name": str, "arguments": dict}``; None when it is none of these."""
+    if isinstance(value, dict) and "tool_calls" in value:
+        value = value["tool_calls"]
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        item = item.get("function", item)
+        args = item.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(item.get("name"), str) or not isinstance(args, dict):
+            return None
+        calls.append({"name": item["name"], "arguments": args})
+    return calls or None
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -1,0 +1,446 @@
+"""The spec: one validated description of a specialist, loaded from YAML.
+
+Every stage reads it. Unknown keys are errors, and every error is reported at once as
+``path.to.field: what is wrong``. Relative paths inside the spec (data, eval sets, schema files,
+a local base model) are relative to the spec file; ``registry`` is relative to the working dir,
+so every command run from one project shares one local registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infra.registry import DEFAULT_REGISTRY, parse_id
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CSV_ROLES = ("system", "user", "assistant", "id", "label", "meta")
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; ``errors`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, errors: list[str], source: str = "spec"):
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# -- contract ----------------------------------------------------------------------------------
+class Tool(Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"},
+                                       description="JSON Schema of the call's arguments")
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_ok(cls, v: dict) -> dict:
+        _check_json_schema(v)
+        return v
+
+
+class Contract(Strict):
+    """What a valid output is. One definition serves the factory, eval and the live canary."""
+
+    type: Literal["text", "label", "json", "tool_call"] = "text"
+    labels: list[str] | None = None
+    schema_: dict[str, Any] | str | None = Field(None, alias="schema",
+                                                 description="JSON Schema, inline or a path to a .json file")
+    tools: list[Tool] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _by_type(self) -> "Contract":
+        if self.type == "label":
+            if not self.labels:
+                raise ValueError("contract.type 'label' needs contract.labels (a non-empty list)")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("contract.labels: has duplicates")
+        if self.type == "json" and self.schema_ is None:
+            raise ValueError("contract.type 'json' needs contract.schema (inline or a path to a .json file)")
+        if isinstance(self.schema_, dict):
+            _check_json_schema(self.schema_)
+        if self.type == "tool_call" and not self.tools:
+            raise ValueError("contract.type 'tool_call' needs contract.tools (name + parameters schema)")
+        return self
+
+
+def _check_json_schema(schema: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"not a valid JSON Schema: {e.message}") from None
+
+
+# -- data ----------------------------------------------------------------------------------------
+class Split(Strict):
+    train: float = Field(0.8, ge=0, le=1)
+    dev: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "Split":
+        if abs(self.train + self.dev + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + dev + test must sum to 1 (got {self.train + self.dev + self.test:g})")
+        return self
+
+
+class Dedupe(Strict):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity for near-duplicates")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle: int = Field(3, ge=1, le=16, description="word n-gram size for MinHash shingles")
+
+
+class Teacher(Strict):
+    engine: Literal["hf", "vllm", "http"] = "http"
+    model: str | None = None
+    url: str | None = None
+    api_key_env: str | None = Field(None, description="name of the env var holding the API key")
+    per_seed: int = Field(2, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.8, ge=0)
+
+
+class Data(Strict):
+    train: list[str] = Field(default_factory=list, description="paths or globs (JSONL, JSONL.gz, CSV)")
+    format: Literal["auto", "messages", "chat", "instruction", "csv", "preference"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="CSV column -> role")
+    eval: dict[str, str] = Field(default_factory=dict, description="eval set name -> path; never trained on")
+    split: Split = Field(default_factory=Split)
+    dedupe: Dedupe = Field(default_factory=Dedupe)
+    pii: Literal["scrub", "reject", "keep"] = "scrub"
+    min_chars: int = Field(2, ge=0, description="shorter user/assistant turns are rejected")
+    balance_field: str | None = Field(None, description="metadata field to count and cap by (e.g. intent)")
+    cap_per_class: int | None = Field(None, ge=1)
+    teacher: Teacher | None = None
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("columns")
+    @classmethod
+    def _roles(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {col: role for col, role in v.items() if role not in CSV_ROLES}
+        if bad:
+            col, role = next(iter(bad.items()))
+            raise ValueError(f"column {col!r} maps to {role!r}; roles are {', '.join(CSV_ROLES)}")
+        return v
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                raise ValueError(f"eval set name {name!r}: use letters, digits, '-' or '_'")
+        return v
+
+
+# -- model and training --------------------------------------------------------------------------
+class ModelSpec(Strict):
+    base: str = Field(description="a local folder, a hub name, or a registry ref (id or TASK@ALIAS)")
+    template: Literal["auto", "chatml", "alpaca", "simple"] = "auto"
+    system_prompt: str | None = None
+    max_seq_len: int = Field(1024, ge=16)
+    gguf_file: str | None = Field(None, description="load base weights from this GGUF file in the folder")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class LoRA(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DeepSpeed(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeed":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+        if self.offload_optimizer and self.stage < 2:
+            raise ValueError("offload_optimizer needs stage 2 or 3")
+        return self
+
+
+class Train(Strict):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (see STACK-NOTES)")
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    packing: bool = False
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    gradient_checkpointing: bool = False
+    lora: LoRA = Field(default_factory=LoRA)
+    deepspeed: DeepSpeed | None = None
+
+    @model_validator(mode="after")
+    def _qlora_needs_gpu(self) -> "Train":
+        if self.method == "qlora" and not self.use_gpu:
+            raise ValueError("method 'qlora' quantises the base to 4 bits with bitsandbytes, which needs a GPU: "
+                             "set train.use_gpu: true, or use method 'lora' on CPU")
+        return self
+
+
+# -- eval, gates, deployment ---------------------------------------------------------------------
+class Judge(Strict):
+    engine: Literal["hf", "vllm", "http"] = "http"
+    model: str | None = None
+    url: str | None = None
+    api_key_env: str | None = None
+    rubric: str | None = None
+
+
+class Eval(Strict):
+    engine: Literal["auto", "hf", "vllm", "http"] = "auto"
+    url: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    baselines: list[str] = Field(default_factory=list, description="'base', 'prompted-base' or model refs")
+    judge: Judge | None = None
+    bootstrap: int = Field(1000, ge=0, description="resamples for confidence intervals")
+
+
+class Gate(Strict):
+    metric: str
+    eval_set: str | None = Field(None, description="default: every eval set")
+    min: float | None = None
+    max: float | None = None
+    beats: str | None = Field(None, description="a baseline the model must beat by `margin`")
+    margin: float = 0.0
+
+    @model_validator(mode="after")
+    def _has_bound(self) -> "Gate":
+        if self.min is None and self.max is None and self.beats is None:
+            raise ValueError("a gate needs at least one of min, max, beats")
+        return self
+
+
+class Deploy(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    canary_weight: float = Field(0.1, ge=0, le=1)
+    min_requests: int = Field(100, ge=1, description="live requests before a canary can be promoted")
+    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_validity_drop: float = Field(0.02, ge=0, le=1, description="contract validity vs production")
+    max_p95_ratio: float = Field(1.5, gt=0, description="canary p95 latency / production p95")
+    auto_promote: bool = False
+    auto_rollback: bool = True
+    max_concurrency: int = Field(32, ge=1, description="in-flight requests before 503")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
+class Spec(Strict):
+    task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+                      description="lowercase name; artifacts and aliases are grouped by it")
+    description: str = ""
+    contract: Contract = Field(default_factory=Contract)
+    data: Data = Field(default_factory=Data)
+    model: ModelSpec
+    train: Train = Field(default_factory=Train)
+    eval: Eval = Field(default_factory=Eval)
+    gates: list[Gate] = Field(default_factory=list)
+    deploy: Deploy = Field(default_factory=Deploy)
+    registry: str = DEFAULT_REGISTRY
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def json_schema_doc(self) -> dict | None:
+        """The contract's JSON Schema as a dict (loaded from its file if it was a path)."""
+        s = self.contract.schema_
+        return json.loads(Path(s).read_text()) if isinstance(s, str) else s
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
+    """Apply ``dotted.key=VALUE`` strings (VALUE parsed as YAML); returns (raw, errors)."""
+    errors = []
+    for item in overrides or []:
+        if "=" not in item:
+            errors.append(f"--set {item!r}: expected dotted.key=VALUE")
+            continue
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            errors.append(f"--set {key}: VALUE is not valid YAML ({e.problem})")
+            continue
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(f"--set {key}: {'.'.join(parts[:i]) or 'spec'} is a list; "
+                                  f"{part!r} is not an index below {len(node)}")
+                    break
+                part = int(part)
+            elif not isinstance(node, dict):
+                errors.append(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+                break
+            if last:
+                node[part] = parsed
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+    return raw, errors
+
+
+def _format_errors(exc: ValidationError, raw: dict) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if p not in ("function-after", "function-before")]
+        path = ""
+        for p in loc:
+            path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "") + \
+                  (f"; known keys: {', '.join(known)}" if known else "")
+        elif err["type"] == "missing":
+            msg = "required"
+        out.append(f"{path or 'spec'}: {msg}")
+    return out
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if found := _submodel(arg):
+            return found
+    return None
+
+
+def _known_keys(loc: list) -> list[str]:
+    model: type[BaseModel] | None = Spec
+    for p in (p for p in loc if not isinstance(p, int)):
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        model = _submodel(fields[p].annotation) if p in fields else None
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _resolve_paths(spec: Spec, base: Path) -> Spec:
+    def rel(p: str) -> str:
+        if "://" in p:
+            return p
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    spec.data.train = [rel(p) for p in spec.data.train]
+    spec.data.eval = {k: rel(v) for k, v in spec.data.eval.items()}
+    if isinstance(spec.contract.schema_, str):
+        spec.contract.schema_ = rel(spec.contract.schema_)
+    b = spec.model.base
+    if not (parse_id(b) or "@" in b) and (b.startswith((".", "/", "~")) or (base / b).exists()):
+        spec.model.base = rel(b)
+    return spec
+
+
+def check_files(spec: Spec) -> list[str]:
+    """Problems with the files a spec names (missing data, unreadable schema); empty when fine."""
+    errors = []
+    for i, pattern in enumerate(spec.data.train):
+        if "://" not in pattern and not glob.glob(pattern, recursive=True):
+            errors.append(f"data.train[{i}]: no file matches {pattern}")
+    for name, path in spec.data.eval.items():
+        if "://" not in path and not Path(path).is_file():
+            errors.append(f"data.eval.{name}: no such file {path}")
+    if isinstance(spec.contract.schema_, str):
+        try:
+            _check_json_schema(json.loads(Path(spec.contract.schema_).read_text()))
+        except (OSError, json.JSONDecodeError, ValueError) as e:
+            errors.append(f"contract.schema: {spec.contract.schema_}: {e}")
+    b = spec.model.base
+    if b.startswith("/") and not Path(b).is_dir():
+        errors.append(f"model.base: no such folder {b}")
+    for i, gate in enumerate(spec.gates):
+        if gate.eval_set and spec.data.eval and gate.eval_set not in spec.data.eval:
+            errors.append(f"gates[{i}].eval_set: {gate.eval_set!r} is not one of data.eval ({', '.join(spec.data.eval)})")
+    return errors
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = False) -> Spec:
+    """Read, override, validate and resolve a spec; raises ``SpecError`` listing every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError([f"cannot read spec: {e.strerror}"], str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(["spec: the top level must be a mapping of sections"], str(path))
+    return spec_from_dict(raw, overrides, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)
+
+
+def spec_from_dict(raw: dict, overrides: list[str] | None = None, *, base_dir: Path | None = None,
+                   source: str = "spec", check_paths: bool = False) -> Spec:
+    raw, errors = apply_overrides(raw, overrides or [])
+    spec = None
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        errors += _format_errors(e, raw)
+    if spec is not None:
+        spec = _resolve_paths(spec, base_dir or Path.cwd())
+        if check_paths:
+            errors += check_files(spec)
+    if errors:
+        raise SpecError(errors, source)
+    return spec
