@@ -1,24 +1,22 @@
 """The ``crucible`` command. Thin: parse arguments, call a library function, report.
 
-Every command prints a summary for people, or with ``--json`` one JSON object for scripts.
-Exit codes: 0 done, 1 a check failed (corrupt blob, alias conflict, failed gate), 2 bad usage or
-input (bad spec, unknown ref, bad key).
+Every command prints a summary for people, or with ``--json`` one JSON object for scripts
+(``jobs/common.py`` holds the shared options, error mapping and exit codes).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from jobs.common import (JsonOpt, RegistryOpt, SetOpt, command, emit, err, human_size, open_registry,
+                         out)
 
 app = typer.Typer(
     name="crucible", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
@@ -29,73 +27,6 @@ spec_app = typer.Typer(no_args_is_help=True, help="Check a spec file.")
 registry_app = typer.Typer(no_args_is_help=True, help="Look at and manage the artifact registry.")
 app.add_typer(spec_app, name="spec")
 app.add_typer(registry_app, name="registry")
-
-out = Console()
-err = Console(stderr=True)
-
-# Options shared by many commands.
-JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of the summary.")
-SetOpt = typer.Option(None, "--set", metavar="dotted.key=VALUE",
-                      help="Override a spec key (VALUE is YAML); repeatable, validated like the file.")
-RegistryOpt = typer.Option(None, "--registry", metavar="URI", envvar="CRUCIBLE_REGISTRY",
-                           help="file://DIR or s3://bucket/prefix (default: $CRUCIBLE_REGISTRY, "
-                                "else file://.crucible/registry).")
-
-
-def command(fn: Callable) -> Callable:
-    """Map library errors to messages and exit codes, the same way for every command."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from infra.registry import AliasConflict, CorruptBlob, RefError
-        from infra.store import BadKey, StoreError
-        from pipelines.spec import SpecError
-
-        as_json = kwargs.get("as_json", False)
-        try:
-            return fn(*args, **kwargs)
-        except SpecError as e:
-            _fail(EXIT_BAD_INPUT, f"{e.source}: invalid spec", e.errors, as_json)
-        except (RefError, BadKey, FileNotFoundError, NotADirectoryError, ValueError) as e:
-            _fail(EXIT_BAD_INPUT, str(e), [], as_json)
-        except (CorruptBlob, AliasConflict) as e:
-            _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
-        except StoreError as e:
-            _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
-
-    return wrapper
-
-
-def _fail(code: int, message: str, details: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"error": message, "details": details}))
-    else:
-        err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
-        for d in details:
-            err.print(f"  {d}", highlight=False)
-    raise typer.Exit(code)
-
-
-def emit(result: dict[str, Any], as_json: bool, human: Callable[[], None]) -> None:
-    if as_json:
-        print(json.dumps(result, default=str))
-    else:
-        human()
-
-
-def _registry(uri: str | None):
-    from infra.registry import Registry
-
-    return Registry.open(uri)
-
-
-def _human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 # -- spec ------------------------------------------------------------------------------------------
 @spec_app.command("validate")
@@ -126,7 +57,7 @@ def registry_ls(kind: Optional[str] = typer.Option(None, help="dataset, run, mod
                 task: Optional[str] = typer.Option(None, help="Only this task's artifacts."),
                 registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """List artifacts, oldest first, with the aliases that point at them."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     items = reg.list(kind=kind, task=task)
     aliases = reg.aliases(task)
     pointing: dict[str, list[str]] = {}
@@ -147,7 +78,7 @@ def registry_ls(kind: Optional[str] = typer.Option(None, help="dataset, run, mod
             table.add_column(col, justify="right" if col in ("files", "size") else "left")
         for m in items:
             table.add_row(m.id, m.kind, m.created_at.replace("+00:00", "Z"), str(len(m.files)),
-                          _human_size(m.size), ", ".join(sorted(pointing.get(m.id, []))))
+                          human_size(m.size), ", ".join(sorted(pointing.get(m.id, []))))
         out.print(table)
 
     emit(result, as_json, human)
@@ -160,7 +91,7 @@ def registry_show(ref: str = typer.Argument(..., help="An artifact id or TASK@AL
                   verify: bool = typer.Option(False, "--verify", help="Read every blob and check its hash."),
                   registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Show one artifact's manifest: inputs, figures, files; optionally its lineage chain."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     m = reg.verify(ref) if verify else reg.get(ref)
     chain = reg.lineage(m.id) if lineage else []
     result = {"manifest": json.loads(m.to_json()), "verified": verify}
@@ -176,11 +107,11 @@ def registry_show(ref: str = typer.Argument(..., help="An artifact id or TASK@AL
                 out.print(f"[bold]{section}[/bold]")
                 for k, v in values.items():
                     out.print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}", highlight=False)
-        table = Table(title=f"{len(m.files)} file(s), {_human_size(m.size)}", title_justify="left")
+        table = Table(title=f"{len(m.files)} file(s), {human_size(m.size)}", title_justify="left")
         for col in ("file", "size", "sha256"):
             table.add_column(col)
         for rel, e in sorted(m.files.items()):
-            table.add_row(rel, _human_size(e["size"]), e["sha256"][:16] + "…")
+            table.add_row(rel, human_size(e["size"]), e["sha256"][:16] + "…")
         out.print(table)
         if lineage:
             tree = Tree("[bold]lineage[/bold]")
@@ -200,11 +131,11 @@ def registry_gc(min_age: float = typer.Option(3600.0, "--min-age", help="Seconds
                 dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed."),
                 registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Remove blobs that no manifest references. Manifests and aliases are never touched."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     report = reg.gc(min_age_s=min_age, dry_run=dry_run)
     emit({"registry": reg.uri, **report}, as_json, lambda: out.print(
         f"{'would remove' if dry_run else 'removed'} {report['removed']} unreferenced blob(s), "
-        f"{_human_size(report['freed_bytes'])}; {report['referenced']} referenced; "
+        f"{human_size(report['freed_bytes'])}; {report['referenced']} referenced; "
         f"{report['kept_recent_unreferenced']} recent unreferenced kept (younger than {min_age:g}s)",
         highlight=False))
 
@@ -223,7 +154,7 @@ def registry_add_model(folder: Path = typer.Argument(..., help="A model folder: 
     """
     from pipelines.modeling import describe_model_folder
 
-    reg = _registry(registry)
+    reg = open_registry(registry)
     facts = describe_model_folder(folder)
     m = reg.add_directory("model", task, folder, inputs={"source": str(folder.resolve())}, metadata=facts)
     if alias:
@@ -232,7 +163,7 @@ def registry_add_model(folder: Path = typer.Argument(..., help="A model folder: 
           **facts}, as_json,
          lambda: out.print(f"registered [bold]{m.id}[/bold]: {facts['model_type']}, "
                            f"{facts['parameters'] / 1e6:.1f}M parameters, {len(m.files)} files, "
-                           f"{_human_size(m.size)}" + (f"; {task}@{alias} → it" if alias else ""),
+                           f"{human_size(m.size)}" + (f"; {task}@{alias} → it" if alias else ""),
                            highlight=False))
 
 
@@ -247,7 +178,7 @@ def registry_alias(name: str = typer.Argument(..., metavar="TASK@ALIAS"),
     if "@" not in name:
         raise ValueError(f"{name!r}: expected TASK@ALIAS")
     task, alias = name.split("@", 1)
-    reg = _registry(registry)
+    reg = open_registry(registry)
     kw = {} if expect is None else {"expected": None if expect.lower() == "none" else reg.resolve(expect)}
     record = reg.set_alias(task, alias, ref, **kw)
     previous = record["history"][0]["target"] if record["history"] else None
@@ -277,7 +208,7 @@ def init_model_cmd(out_dir: Path = typer.Argument(..., metavar="OUT", help="Fold
     info = init_model(out_dir, tokenizer=tokenizer, arch=arch, layers=layers, hidden=hidden, heads=heads,
                       max_positions=max_positions, seed=seed)
     if task:
-        m = _registry(registry).add_directory("model", task, out_dir, inputs={"source": "init-model"},
+        m = open_registry(registry).add_directory("model", task, out_dir, inputs={"source": "init-model"},
                                               metadata={"model_type": arch, "parameters": info["parameters"],
                                                         "random_init": True, "seed": seed})
         info["model"] = m.id

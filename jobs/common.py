@@ -1,0 +1,92 @@
+"""What every ``crucible`` command shares: options, error handling, exit codes, output.
+
+Exit codes: 0 done, 1 a check failed (corrupt blob, alias conflict, failed gate), 2 bad usage or
+input (bad spec, unknown ref, bad key).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+out = Console()
+err = Console(stderr=True)
+
+# Options shared by many commands.
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of the summary.")
+SetOpt = typer.Option(None, "--set", metavar="dotted.key=VALUE",
+                      help="Override a spec key (VALUE is YAML); repeatable, validated like the file.")
+RegistryOpt = typer.Option(None, "--registry", metavar="URI", envvar="CRUCIBLE_REGISTRY",
+                           help="file://DIR or s3://bucket/prefix (default: $CRUCIBLE_REGISTRY, "
+                                "else file://.crucible/registry).")
+
+
+def command(fn: Callable) -> Callable:
+    """Map library errors to messages and exit codes, the same way for every command.
+
+    Stage code raises ``CheckFailed`` for "ran fine, but the verdict is no" (exit 1) and
+    ``ValueError``/``SpecError``/``RefError`` for bad input (exit 2).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from infra.registry import AliasConflict, CorruptBlob, RefError
+        from infra.store import BadKey, StoreError
+        from pipelines.spec import SpecError
+
+        as_json = kwargs.get("as_json", False)
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as e:
+            _fail(EXIT_BAD_INPUT, f"{e.source}: invalid spec", e.errors, as_json)
+        except (RefError, BadKey, FileNotFoundError, NotADirectoryError, ValueError) as e:
+            _fail(EXIT_BAD_INPUT, str(e), [], as_json)
+        except (CorruptBlob, AliasConflict, CheckFailed) as e:
+            _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
+        except StoreError as e:
+            _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
+
+    return wrapper
+
+
+def _fail(code: int, message: str, details: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": message, "details": details}))
+    else:
+        err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+        for d in details:
+            err.print(f"  {d}", highlight=False)
+    raise typer.Exit(code)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        human()
+
+
+def open_registry(uri: str | None):
+    from infra.registry import Registry
+
+    return Registry.open(uri)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+
+
+class CheckFailed(Exception):
+    """The command ran, and a check it exists to make failed (exit 1)."""
