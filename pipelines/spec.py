@@ -325,9 +325,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
                 break
             if last:
                 node[part] = parsed
+            elif isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+                node = node[part]
             else:
-                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
-                    node[part] = {}
                 node = node[part]
     return raw, errors
 
