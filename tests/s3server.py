@@ -37,9 +37,11 @@ def seaweedfs(data_dir: Path, bucket: str = "crucible-test"):
     ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
                                             "filer.grpc", "s3", "s3.grpc", "admin", "admin.grpc")}
     creds = {"AWS_ACCESS_KEY_ID": "test" + secrets.token_hex(4), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
-    args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # -logdir goes before the subcommand: it is a global flag (glog would otherwise write to /tmp).
+    args = [binary, f"-logdir={data_dir}", "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0"]
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.localSocket={data_dir}/s3.sock", f"-filer.localSocket={data_dir}/filer.sock"]
     for name, port in ports.items():
         base, _, grpc = name.partition(".")
         args.append(f"-{base}.port{'.grpc' if grpc else ''}={port}")

@@ -1,0 +1,91 @@
+"""Cluster definitions and IaC: every file parses, has the fields its tool requires, and runs
+commands that exist in this project."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+
+import hcl2
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CLUSTER = ROOT / "cluster"
+
+
+def _load(name: str):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _module_of(command: str) -> str | None:
+    words = shlex.split(command)
+    return words[words.index("-m") + 1] if "-m" in words else None
+
+
+def test_aws_cluster_launcher_config():
+    cfg = _load("aws.yaml")
+    for key in ("cluster_name", "provider", "auth", "available_node_types", "head_node_type",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in cfg, key
+    assert cfg["provider"]["type"] == "aws" and cfg["head_node_type"] in cfg["available_node_types"]
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] <= gpu["max_workers"] <= cfg["max_workers"]
+    for node in cfg["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"]["Name"] == "crucible-ray-node"
+    setup = " ".join(cfg["setup_commands"])
+    assert "torch==2.13.0" in setup and "-c constraints.txt" in setup  # same pins as make setup
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("name,kind", [("kuberay/raycluster.yaml", "RayCluster"), ("kuberay/rayjob.yaml", "RayJob")])
+def test_kuberay_manifests(name, kind):
+    doc = _load(name)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind and doc["metadata"]["name"]
+    cluster = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] and head["resources"]["limits"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["maxReplicas"]
+        worker = group["template"]["spec"]["containers"][0]
+        assert worker["resources"]["limits"].get("nvidia.com/gpu")
+    if kind == "RayJob":
+        module = _module_of(doc["spec"]["entrypoint"])
+        assert module and importlib.util.find_spec(module.split(".")[0]) is not None
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists() or module == "jobs.run", module
+        spec_path = shlex.split(doc["spec"]["entrypoint"])[3]
+        assert (ROOT / spec_path).is_file(), spec_path
+
+
+def test_runtime_env_ships_the_project_not_its_caches():
+    env = _load("runtime_env.yaml")
+    assert env["working_dir"] == "."
+    for excluded in (".venv", ".cache", ".git"):
+        assert excluded in env["excludes"]
+
+
+def test_terraform_registry_bucket_and_role():
+    resources: dict[str, dict] = {}
+    for path in sorted((ROOT / "infra" / "terraform").glob("*.tf")):
+        doc = hcl2.loads(path.read_text())
+        for block in doc.get("resource", []):
+            for rtype, named in block.items():
+                for name, body in named.items():
+                    resources[f"{rtype.strip(chr(34))}.{name.strip(chr(34))}"] = body
+    for needed in ("aws_s3_bucket.registry", "aws_s3_bucket_versioning.registry",
+                   "aws_s3_bucket_server_side_encryption_configuration.registry",
+                   "aws_s3_bucket_public_access_block.registry", "aws_s3_bucket_lifecycle_configuration.registry",
+                   "aws_iam_role.ray_node", "aws_iam_role_policy.registry_access", "aws_iam_instance_profile.ray_node"):
+        assert needed in resources, needed
+    assert "Enabled" in str(resources["aws_s3_bucket_versioning.registry"]["versioning_configuration"])
+    assert "aws:kms" in str(resources["aws_s3_bucket_server_side_encryption_configuration.registry"])
+    rules = resources["aws_s3_bucket_lifecycle_configuration.registry"]["rule"]
+    log_rule = next(r for r in rules if "logs" in str(r["filter"]))
+    assert "expiration" in log_rule
+    block = resources["aws_s3_bucket_public_access_block.registry"]
+    assert all(block[k] is True or block[k] == "true" for k in ("block_public_acls", "restrict_public_buckets"))
+    # The instance profile name is the one the launcher config uses.
+    assert re.search(r'"?crucible-ray-node"?', str(resources["aws_iam_instance_profile.ray_node"]["name"]))
