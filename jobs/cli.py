@@ -74,10 +74,11 @@ def registry_ls(kind: Optional[str] = typer.Option(None, help="dataset, run, mod
             out.print(f"no artifacts in {reg.uri}" + (f" for task {task}" if task else ""), highlight=False)
             return
         table = Table(title=f"{len(items)} artifact(s) in {reg.uri}", title_justify="left")
-        for col in ("id", "kind", "created", "files", "size", "aliases"):
+        table.add_column("id", no_wrap=True)  # ids are copied into other commands: never wrap them
+        for col in ("kind", "created", "files", "size", "aliases"):
             table.add_column(col, justify="right" if col in ("files", "size") else "left")
         for m in items:
-            table.add_row(m.id, m.kind, m.created_at.replace("+00:00", "Z"), str(len(m.files)),
+            table.add_row(m.id, m.kind, m.created_at[:16].replace("T", " "), str(len(m.files)),
                           human_size(m.size), ", ".join(sorted(pointing.get(m.id, []))))
         out.print(table)
 

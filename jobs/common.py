@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from typing import Any, Callable
 
 import typer
@@ -15,8 +16,9 @@ from rich.console import Console
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-out = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column fallback.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # Options shared by many commands.
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of the summary.")
