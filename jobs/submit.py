@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
                    as_json: bool = JsonOpt):
         """Submit a stage to a Ray cluster, follow its logs, exit with its status.
 
-        The job runs [bold]python -m jobs.<stage> SPEC[/bold] with the project as working dir;
+        The job runs **python -m jobs.<stage> SPEC** with the project as working dir;
         CRUCIBLE_REGISTRY and any AWS_* / HF_TOKEN set in your shell are passed to it. A local
         file:// registry is only allowed for a cluster on this machine.
         """

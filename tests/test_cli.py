@@ -104,3 +104,25 @@ def test_default_registry_lives_under_the_working_dir(tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr
     ref = last_json(proc)["model"]
     assert (tmp_path / ".crucible" / "registry" / "manifests" / "model" / f"{ref}.json").is_file()
+
+
+@pytest.mark.slow
+def test_add_model_converts_a_real_gguf_once(tmp_path, smollm2_gguf):
+    folder, name = smollm2_gguf
+    reg = tmp_path / "registry"
+    added = last_json(crucible("registry", "add-model", str(folder), "--gguf-file", name, "--task", "triage",
+                               "--alias", "base", "--json", cwd=tmp_path, registry=reg))
+    assert added["model_type"] == "llama" and added["has_chat_template"]
+    assert 130e6 < added["parameters"] < 140e6  # SmolLM2-135M, dequantised
+    from infra.registry import Registry
+
+    model_dir = Registry.open(f"file://{reg}", cache_dir=tmp_path / "cache").materialize("triage@base")
+    assert not list(model_dir.glob("*.gguf")) and (model_dir / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = tok.decode(model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in answer  # the pretrained weights survived the conversion
