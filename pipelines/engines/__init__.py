@@ -41,3 +41,57 @@ class Engine(Protocol):
     name: str
 
     def generate(self, chats: list[Chat], params: GenParams) -> list[Completion]: ...
+
+
+ENGINES = ("auto", "hf", "vllm", "http")
+
+
+def pick_engine(name: str = "auto") -> str:
+    """``auto``: vLLM when a CUDA GPU and the ``vllm`` package are both present, else ``hf``."""
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r}: choose one of {', '.join(ENGINES)}")
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "vllm"
+    return "hf"
+
+
+def get_engine(name: str = "auto", model: str | None = None, url: str | None = None, adapter: str | None = None,
+               *, registry=None, batch_size: int = 16, dtype: str = "auto", gguf_file: str | None = None,
+               trust_remote_code: bool = False, api_key_env: str | None = None, concurrency: int = 8,
+               progress: bool = False, **kwargs) -> Engine:
+    """Build an engine by name: ``auto``, ``hf``, ``vllm`` or ``http``.
+
+    - ``hf`` / ``vllm``: ``model`` is a local folder, a hub name or a registry ref (id or
+      TASK@ALIAS; pass ``registry``). A LoRA adapter folder/ref works as ``model`` (its base is
+      found from the adapter config or the manifest) or as ``adapter`` on top of ``model``.
+    - ``http``: ``url`` of an OpenAI-compatible server, ``model`` the name sent in requests, the
+      API key read from the env var named by ``api_key_env``; ``concurrency`` parallel requests.
+
+    Every engine has ``generate(chats, GenParams) -> list[Completion]`` (same order as ``chats``)
+    and ``default_system_prompt`` (the model's saved one, or None).
+    """
+    name = pick_engine(name)
+    if name == "http":
+        from pipelines.engines.http import HTTPEngine
+
+        if not url:
+            raise ValueError("engine 'http' needs a url (an OpenAI-compatible server)")
+        return HTTPEngine(url, model, api_key_env=api_key_env, concurrency=concurrency, **kwargs)
+    if not model and not adapter:
+        raise ValueError(f"engine {name!r} needs a model (a folder, hub name or registry ref)")
+    if name == "vllm":
+        from pipelines.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model or adapter, registry, adapter=adapter, dtype=dtype,
+                          trust_remote_code=trust_remote_code, **kwargs)
+    from pipelines.engines.hf import HFEngine
+
+    return HFEngine.load(model or adapter, registry, adapter=adapter, batch_size=batch_size, dtype=dtype,
+                         gguf_file=gguf_file, trust_remote_code=trust_remote_code, progress=progress)

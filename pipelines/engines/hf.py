@@ -1,0 +1,136 @@
+"""The transformers engine: batched generation with left padding and the KV cache.
+
+Prompts are rendered with the model's own saved chat template (the one it was trained with), sorted
+by length so each batch wastes little padding, generated together, and returned in input order.
+Decoder-only models must be left-padded for batched generation: the new tokens then follow every
+prompt directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipelines.engines import Chat, Completion, GenParams
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, resolved=None, progress: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.resolved = resolved
+        self.progress = progress
+        self.default_system_prompt = getattr(resolved, "system_prompt", None)
+        eos = tokenizer.eos_token_id
+        self._eos_ids = {eos} if eos is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            self._eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+
+    @classmethod
+    def load(cls, model: str, registry=None, *, adapter: str | None = None, batch_size: int = 16,
+             dtype: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
+             progress: bool = False) -> "HFEngine":
+        from pipelines.engines.loading import load_for_inference
+
+        m, tok, resolved = load_for_inference(adapter or model, registry, dtype=dtype, gguf_file=gguf_file,
+                                              trust_remote_code=trust_remote_code)
+        return cls(m, tok, batch_size=batch_size, resolved=resolved, progress=progress)
+
+    def render(self, chat: Chat) -> str:
+        """The prompt text for a chat: the saved template with the assistant turn opened."""
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, chats: list[Chat], params: GenParams = GenParams()) -> list[Completion]:
+        import torch
+
+        prompts = [self.render(c) for c in chats]
+        # encode once without special tokens: the template already holds every marker it needs
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        results: list[Completion | None] = [None] * len(ids)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bar = _progress(len(ids), self.progress)
+        torch.manual_seed(params.seed)  # sampling is reproducible for the same inputs and batch size
+        for batch in batches:
+            for i, c in zip(batch, self._generate_batch([ids[i] for i in batch], params)):
+                results[i] = c
+            bar(len(batch))
+        bar(0, done=True)
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch_ids: list[list[int]], params: GenParams) -> list[Completion]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(x) for x in batch_ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch_ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids])
+        device = next(self.model.parameters()).device
+        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, use_cache=True,
+                  eos_token_id=sorted(self._eos_ids) or None)
+        if params.temperature > 0:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
+        elapsed = time.perf_counter() - start
+        completions = []
+        for row, prompt in zip(out[:, width:].tolist(), batch_ids):
+            completions.append(self._finish(row, len(prompt), params, elapsed, len(batch_ids)))
+        return completions
+
+    def _finish(self, row: list[int], n_prompt: int, params: GenParams, elapsed: float, batch: int) -> Completion:
+        n, reason = len(row), "length"
+        for j, t in enumerate(row):
+            if t in self._eos_ids:
+                n, reason = j, "stop"
+                break
+        text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        for s in params.stop:  # generation stops after the token completing a stop string; cut it off
+            k = text.find(s)
+            if k >= 0:
+                text, reason = text[:k], "stop"
+        return Completion(text=text, prompt_tokens=n_prompt, completion_tokens=n, finish_reason=reason,
+                          latency_s=elapsed, extra={"batch_size": batch})
+
+
+def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int):
+    """Stop each sequence once its decoded new text contains a stop string.
+
+    Decoding (rather than matching token ids, as transformers' ``stop_strings`` does) is exact
+    however the tokenizer splits the string; the cost is one small decode per step and row.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnStrings()])
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar when asked for and available, else a no-op."""
+    if not enabled or total == 0:
+        return lambda n, done=False: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda n, done=False: None
+    bar = tqdm(total=total, unit="ex", desc="generate", leave=False)
+
+    def step(n: int, done: bool = False):
+        bar.update(n)
+        if done:
+            bar.close()
+
+    return step

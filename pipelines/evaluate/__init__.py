@@ -1,0 +1,194 @@
+"""Evaluation: generate on every eval set, score by contract, compare with baselines, register.
+
+``run(spec, registry, model_ref, baselines)`` is the stage; ``score_files`` scores given outputs
+without a model; ``predict`` runs batch inference; ``gate`` applies the spec's gates to an eval.
+Modules: ``metrics`` (per-contract metrics, bootstrap), ``judge`` (LLM-as-judge), ``rows``
+(reading rows), ``sources`` (eval sets, baselines), ``runner`` (generate + summarise), ``report``
+(md/html), ``gates``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PRIMARY_SET_ORDER = ("test", "golden")
+
+
+def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, dataset: str | None = None,
+        limit: int | None = None, progress: bool = True, log=print):
+    """Evaluate ``model_ref`` (and baselines) on every eval set; returns the registered ``eval`` Manifest.
+
+    The manifest's files: ``results.json`` (what ``crucible eval --json`` prints), ``report.md``,
+    ``report.html``, ``spec.json`` and ``predictions/<system>/<set>.jsonl`` (per-example rows).
+    """
+    from pipelines.contract import Checker
+    from pipelines.engines import GenParams
+    from pipelines.engines.loading import is_registry_ref
+    from pipelines.evaluate import report, runner, sources
+
+    checker = Checker(spec.contract)
+    kind, labels = checker.type, spec.contract.labels
+    model_manifest = registry.get(model_ref) if is_registry_ref(model_ref) else None
+    sets, dataset_id, train = sources.eval_sets(spec, registry, dataset=dataset, model_manifest=model_manifest,
+                                                limit=limit or spec.eval.limit)
+    names = list(dict.fromkeys([*spec.eval.baselines, *(baselines or [])]))
+    systems = [sources.candidate_system(spec, registry, model_manifest.id if model_manifest else model_ref)]
+    systems += [sources.baseline_system(b, spec, registry, model_ref, train) for b in names]
+    params = GenParams(max_new_tokens=spec.eval.max_new_tokens, temperature=spec.eval.temperature,
+                       seed=spec.eval.seed)
+    judge_engine = _judge_engine(spec, registry)
+    n_boot, seed = spec.eval.bootstrap, spec.eval.seed
+    all_rows: dict[str, dict[str, list[dict]]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    engine_used = ""
+    for system in systems:
+        engine = sources.open_engine(system, spec, registry, progress=progress)
+        engine_used = engine_used or engine.name
+        if system.name == "model":  # the model's own saved default prompt wins over the spec's
+            system.system_prompt = getattr(engine, "default_system_prompt", None) or system.system_prompt
+        all_rows[system.name], summaries[system.name] = {}, {}
+        for set_name, examples in sets.items():
+            log(f"[{system.name}] generating {len(examples)} examples of set '{set_name}'")
+            chats = runner.build_chats(examples, system=system.system_prompt, strip_system=system.strip_system,
+                                       fewshot=system.fewshot, force_system=system.force_system)
+            rows, wall = runner.generate_rows(engine, examples, chats, checker, params, judge_engine=judge_engine,
+                                              rubric=spec.eval.judge.rubric if spec.eval.judge else None)
+            all_rows[system.name][set_name] = rows
+            summaries[system.name][set_name] = runner.summarize(rows, kind, labels, wall, n_boot=n_boot, seed=seed)
+        del engine
+    primary_set = next((s for s in PRIMARY_SET_ORDER if s in sets), next(iter(sets)))
+    primary_metric = _primary_metric(spec, kind)
+    model_sets = summaries["model"]
+    results: dict[str, Any] = {
+        "model": systems[0].describe, "task": spec.task, "contract": kind, "engine": engine_used,
+        "dataset": dataset_id, "primary_set": primary_set, "primary_metric": primary_metric,
+        "n": model_sets[primary_set]["n"], "metrics": model_sets[primary_set]["metrics"],
+        "ci": model_sets[primary_set]["ci"], "perf": model_sets[primary_set]["perf"],
+        "sets": model_sets, "baselines": {}}
+    for system in systems[1:]:
+        bsets = {}
+        for set_name in sets:
+            b = dict(summaries[system.name][set_name])
+            b["compare"] = runner.compare(all_rows["model"][set_name], all_rows[system.name][set_name], kind, labels,
+                                          n_boot=n_boot, seed=seed)
+            bsets[set_name] = b
+        results["baselines"][system.name] = {"model": system.describe, "sets": bsets}
+    worst = report.worst_failures(all_rows["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files: dict[str, Any] = {
+            "results.json": json.dumps(results, indent=2, default=str).encode(),
+            "report.md": report.to_markdown(results, worst).encode(),
+            "report.html": report.to_html(results, worst).encode(),
+            "spec.json": json.dumps(spec.to_dict(), indent=2).encode()}
+        for sys_name, by_set in all_rows.items():
+            for set_name, rows in by_set.items():
+                p = tmp / f"{sys_name}-{set_name}.jsonl"
+                p.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+                files[f"predictions/{_safe(sys_name)}/{set_name}.jsonl"] = p
+        inputs = {"model": model_manifest.id if model_manifest else model_ref, "dataset": dataset_id,
+                  "spec_hash": spec.spec_hash(),
+                  "baselines": {s.name: s.model for s in systems[1:]}}
+        metadata = {"primary_set": primary_set, "primary_metric": primary_metric, "n": results["n"],
+                    "metrics": results["metrics"], "contract": kind,
+                    "sets": {k: {"n": v["n"], "metrics": v["metrics"]} for k, v in model_sets.items()}}
+        return registry.create("eval", spec.task, files=files, inputs=inputs, metadata=metadata)
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_") or "baseline"
+
+
+def _primary_metric(spec, kind: str) -> str:
+    from pipelines.evaluate.metrics import PRIMARY
+
+    for g in spec.gates:
+        if g.min is not None or g.beats:
+            return g.metric
+    return PRIMARY[kind]
+
+
+def _judge_engine(spec, registry):
+    j = spec.eval.judge
+    if j is None:
+        return None
+    from pipelines.engines import get_engine
+
+    return get_engine(j.engine, model=j.model, url=j.url, registry=registry, api_key_env=j.api_key_env)
+
+
+def results_of(registry, eval_ref: str) -> tuple[Any, dict]:
+    m = registry.get(eval_ref)
+    if m.kind != "eval" or "results.json" not in m.files:
+        raise ValueError(f"{eval_ref}: not an eval artifact with results.json")
+    return m, json.loads(registry.read_file(m.id, "results.json"))
+
+
+def gate(registry, eval_ref: str, spec=None) -> tuple[dict, Any]:
+    """Apply the gates (the given spec's, else the spec saved with the eval); records the verdict
+    as an ``eval`` artifact (``metadata.verdict``) pointing at the eval. Returns (verdict, manifest)."""
+    from pipelines.evaluate import gates
+    from pipelines.spec import spec_from_dict
+
+    m, results = results_of(registry, eval_ref)
+    if spec is None:
+        spec = spec_from_dict(json.loads(registry.read_file(m.id, "spec.json")), source=f"{m.id}/spec.json")
+    verdict = gates.check(results, gates.effective_gates(spec))
+    verdict["eval"] = m.id
+    record = registry.create("eval", m.task, files={"verdict.json": json.dumps(verdict, indent=2, default=str).encode()},
+                             inputs={"eval": m.id, "model": m.inputs.get("model"), "spec_hash": spec.spec_hash()},
+                             metadata={"verdict": "pass" if verdict["passed"] else "fail",
+                                       "failed": [f"{c['metric']}@{c['eval_set']}" for c in verdict["failed"]]})
+    verdict["verdict_record"] = record.id
+    return verdict, record
+
+
+def score_records(checker, predictions: list[dict], references: list[dict], *, n_boot: int = 1000,
+                  seed: int = 0) -> dict[str, Any]:
+    """Score prediction rows against reference rows joined by ``id`` (no model involved)."""
+    from pipelines.evaluate import metrics as M
+    from pipelines.evaluate.rows import to_example
+
+    refs = {}
+    for n, r in enumerate(references, 1):
+        if "output" in r or "expected" in r or "tool_calls" in r:
+            ref = next(r[k] for k in ("output", "expected", "tool_calls") if k in r)
+            refs[str(r.get("id", f"line-{n}"))] = ref
+        else:
+            ex = to_example(r, n)
+            refs[ex.id] = ex.reference
+    preds = {str(p.get("id", f"line-{n}")): p.get("output") for n, p in enumerate(predictions, 1)}
+    missing = sorted(set(refs) - set(preds))
+    extra = sorted(set(preds) - set(refs))
+    ids = [i for i in refs if i in preds]
+    if not ids:
+        raise ValueError("no prediction id matches a reference id (rows are joined by `id`)")
+    rows = []
+    for i in ids:
+        out = preds[i]
+        row = M.score_example(checker, out if isinstance(out, str) or out is None else json.dumps(out), refs[i])
+        row["id"] = i
+        rows.append(row)
+    fn = lambda rs: M.aggregate(checker.type, rs, checker.contract.labels)  # noqa: E731
+    result = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+              "missing_predictions": len(missing), "unmatched_predictions": len(extra),
+              "missing_ids": missing[:20]}
+    if checker.type == "label":
+        result["labels"] = M.label_report(rows, list(checker.contract.labels or []))
+    return result
+
+
+def predict(engine, examples, *, params, system_prompt: str | None = None) -> list[dict]:
+    """``{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens"}`` per example; a
+    row without a system message gets ``system_prompt`` (the model's saved default)."""
+    from pipelines.evaluate.runner import build_chats
+
+    chats = build_chats(examples, system=system_prompt)
+    outs = engine.generate(chats, params)
+    return [{"id": ex.id, "output": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
+             "completion_tokens": o.completion_tokens} for ex, o in zip(examples, outs)]

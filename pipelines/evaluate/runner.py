@@ -1,0 +1,94 @@
+"""Generate on a set of examples with one engine, score each row, and summarise with CIs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipelines.engines import GenParams
+from pipelines.evaluate import metrics as M
+from pipelines.evaluate.rows import Example, reference_text, with_system, without_system
+
+PERF_LOWER_IS_BETTER = ("latency_p50_s", "latency_p95_s")
+
+
+def build_chats(examples: list[Example], *, system: str | None = None, strip_system: bool = False,
+                fewshot: list[Example] | None = None, force_system: bool = False) -> list[list[dict]]:
+    """Chats as a system is asked them: the row's own chat, optionally without its system message,
+    with ``system`` added where the row has none (or replacing it, ``force_system``), and few-shot
+    examples as earlier user/assistant turns."""
+    shots: list[dict] = []
+    for ex in fewshot or []:
+        shots += without_system(ex.chat) + [{"role": "assistant", "content": reference_text(ex.reference)}]
+    chats = []
+    for ex in examples:
+        chat = without_system(ex.chat) if (strip_system or force_system) else ex.chat
+        if shots:
+            sys_msgs = [m for m in chat if m.get("role") == "system"]
+            chat = sys_msgs + shots + [m for m in chat if m.get("role") != "system"]
+        chats.append(with_system(chat, system))
+    return chats
+
+
+def generate_rows(engine, examples: list[Example], chats: list[list[dict]], checker, params: GenParams,
+                  *, judge_engine=None, rubric: str | None = None) -> tuple[list[dict], float]:
+    """Per-example rows (output, tokens, latency, metric facts) and the wall time of generation."""
+    start = time.perf_counter()
+    outs = engine.generate(chats, params)
+    wall = time.perf_counter() - start
+    rows = []
+    for ex, chat, out in zip(examples, chats, outs):
+        row: dict[str, Any] = {"id": ex.id, "instruction": ex.instruction, "reference": ex.reference,
+                               "output": out.text, "prompt_tokens": out.prompt_tokens,
+                               "completion_tokens": out.completion_tokens, "finish_reason": out.finish_reason,
+                               "latency_s": round(out.latency_s, 6)}
+        row.update(M.score_example(checker, out.text, ex.reference))
+        rows.append(row)
+    if judge_engine is not None:
+        from pipelines.evaluate.judge import judge
+
+        verdicts = judge(judge_engine, [(r["instruction"], reference_text(r["reference"]), r["output"]) for r in rows],
+                         rubric=rubric)
+        for r, v in zip(rows, verdicts):
+            r.update(v)
+    return rows, wall
+
+
+def perf(rows: list[dict], wall_s: float) -> dict[str, float]:
+    import numpy as np
+
+    lat = [r["latency_s"] for r in rows] or [0.0]
+    toks = sum(r["completion_tokens"] for r in rows)
+    return {"latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
+            "tokens_per_s": toks / wall_s if wall_s > 0 else 0.0,
+            "examples_per_s": len(rows) / wall_s if wall_s > 0 else 0.0,
+            "completion_tokens": toks, "wall_s": wall_s}
+
+
+def summarize(rows: list[dict], kind: str, labels: list[str] | None, wall_s: float, *, n_boot: int,
+              seed: int) -> dict[str, Any]:
+    fn = lambda rs: M.aggregate(kind, rs, labels)  # noqa: E731
+    failures: dict[str, int] = {}
+    for r in rows:
+        if not r["correct"]:
+            key = r["reason"] or "wrong"
+            failures[key] = failures.get(key, 0) + 1
+    out = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+           "perf": perf(rows, wall_s), "failures": failures}
+    if kind == "label":
+        out["labels"] = M.label_report(rows, list(labels or sorted({r["ref_label"] for r in rows})))
+    return out
+
+
+def compare(rows: list[dict], base_rows: list[dict], kind: str, labels: list[str] | None, *, n_boot: int,
+            seed: int) -> dict[str, Any]:
+    """Deltas (candidate − baseline) with paired CIs, and per-example regressions/improvements."""
+    by_id = {r["id"]: r for r in base_rows}
+    pairs = [(r, by_id[r["id"]]) for r in rows if r["id"] in by_id]
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    fn = lambda rs: M.aggregate(kind, rs, labels)  # noqa: E731
+    return {"delta": M.paired_bootstrap(a, b, fn, n=n_boot, seed=seed) if pairs else {},
+            "regressions": sum(1 for x, y in pairs if y["correct"] and not x["correct"]),
+            "improvements": sum(1 for x, y in pairs if x["correct"] and not y["correct"]),
+            "regressed_ids": [x["id"] for x, y in pairs if y["correct"] and not x["correct"]][:50],
+            "paired": len(pairs)}

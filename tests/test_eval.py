@@ -1,0 +1,229 @@
+"""Full `crucible eval` / `gate` / `score` / `predict` on a tiny model built by `crucible init-model`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner()
+LABELS = ["even", "odd"]
+
+
+def invoke(*args, code=0):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, f"exit {r.exit_code}: {r.output}\n{r.exception!r}"
+    return r
+
+
+def jline(r) -> dict:
+    return json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
+
+
+def rows(n, start=0):
+    return [{"id": f"r{i}", "messages": [{"role": "user", "content": f"is {i} even or odd?"},
+                                         {"role": "assistant", "content": LABELS[i % 2]}],
+             "source": f"x:{i}", "meta": {}} for i in range(start, start + n)]
+
+
+def write_jsonl(path: Path, items) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, gpt2_tokenizer):
+    """A registry with a tiny model (from `crucible init-model`), a dataset and a spec."""
+    tmp = tmp_path_factory.mktemp("evalproj")
+    reg = f"file://{tmp}/registry"
+    model_dir = tmp / "base"
+    info = jline(invoke("init-model", model_dir, "--tokenizer", gpt2_tokenizer, "--task", "parity",
+                        "--registry", reg, "--json"))
+    from infra.registry import Registry
+
+    r = Registry.open(reg, cache_dir=tmp / "cache")
+    ds = r.create("dataset", "parity", files={
+        "train.jsonl": json.dumps(rows(1)[0]).encode() + b"\n" + json.dumps(rows(1, 1)[0]).encode() + b"\n",
+        "test.jsonl": write_jsonl(tmp / "test.jsonl", rows(10, 10)),
+        "eval/golden.jsonl": write_jsonl(tmp / "golden.jsonl", rows(4, 30))})
+    spec = tmp / "spec.yaml"
+    spec.write_text(f"""
+task: parity
+contract: {{type: label, labels: [even, odd]}}
+model: {{base: {model_dir}, system_prompt: "Say even or odd."}}
+eval: {{max_new_tokens: 4, batch_size: 4, bootstrap: 50, baselines: [base]}}
+gates:
+  - {{metric: accuracy, min: 0.0}}
+  - {{metric: latency_p95_s, max: 60}}
+""")
+    return {"tmp": tmp, "reg": reg, "model": info["model"], "dataset": ds.id, "spec": spec, "model_dir": model_dir}
+
+
+@pytest.fixture(scope="module")
+def evaluated(project):
+    r = invoke("eval", project["spec"], "--model", project["model"], "--baseline", "prompted-base",
+               "--registry", project["reg"], "--json")
+    return jline(r)
+
+
+def test_eval_json_shape_and_registered_files(evaluated, project):
+    res = evaluated
+    assert res["eval"].startswith("eval-parity-")
+    assert res["n"] == 10 and res["primary_set"] == "test" and set(res["sets"]) == {"test", "golden"}
+    assert set(res["metrics"]) >= {"accuracy", "macro_f1", "valid_rate"}
+    for name, lo_hi in res["ci"].items():
+        assert lo_hi[0] <= res["metrics"][name] + 1e-9 and lo_hi[1] >= res["metrics"][name] - 1e-9
+    assert set(res["baselines"]) == {"base", "prompted-base"}
+    cmp = res["baselines"]["base"]["sets"]["test"]["compare"]
+    assert set(cmp["delta"]["accuracy"]) == {"delta", "lo", "hi"} and cmp["paired"] == 10
+    p = res["perf"]
+    assert 0 < p["latency_p50_s"] <= p["latency_p95_s"] and p["tokens_per_s"] > 0
+    from infra.registry import Registry
+
+    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
+    m = reg.get(res["eval"])
+    assert m.inputs["model"] == project["model"] and m.inputs["dataset"] == project["dataset"]
+    assert {"results.json", "report.md", "report.html", "spec.json", "predictions/model/test.jsonl",
+            "predictions/base/golden.jsonl", "predictions/prompted-base/test.jsonl"} <= set(m.files)
+    preds = [json.loads(l) for l in reg.read_file(m.id, "predictions/model/test.jsonl").decode().splitlines()]
+    assert [x["id"] for x in preds] == [f"r{i}" for i in range(10, 20)]
+    # the metric is recomputable from the stored rows
+    assert res["metrics"]["accuracy"] == pytest.approx(sum(x["correct"] for x in preds) / 10)
+    md = reg.read_file(m.id, "report.md").decode()
+    for needle in ("| accuracy |", "prompted-base", "latency p95", "Worst failures", "regressions vs base"):
+        assert needle in md
+    assert "<table>" in reg.read_file(m.id, "report.html").decode()
+
+
+def test_baselines_build_their_prompts(evaluated, project):
+    """base sees no system prompt; prompted-base sees the contract instruction and train few-shot."""
+    from infra.registry import Registry
+    from pipelines.evaluate.runner import build_chats
+    from pipelines.evaluate.rows import read_examples
+    from pipelines.evaluate.sources import baseline_system
+    from pipelines.spec import load_spec
+
+    spec = load_spec(project["spec"])
+    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
+    exs = read_examples(project["tmp"] / "test.jsonl")
+    train = exs[:2]
+    pb = baseline_system("prompted-base", spec, reg, project["model"], train)
+    chat = build_chats(exs[:1], system=pb.system_prompt, fewshot=pb.fewshot, force_system=True)[0]
+    assert chat[0]["role"] == "system" and "even, odd" in chat[0]["content"] and "Say even or odd." in chat[0]["content"]
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "user"]
+    b = baseline_system("base", spec, reg, project["model"], train)
+    with_sys = [{"role": "system", "content": "x"}, *exs[0].chat]
+    exs[0].chat = with_sys
+    assert all(m["role"] != "system" for m in build_chats(exs[:1], strip_system=b.strip_system)[0])
+
+
+def test_gate_pass_and_fail_exit_codes(evaluated, project, tmp_path):
+    ok = jline(invoke("gate", evaluated["eval"], "--registry", project["reg"], "--json"))
+    assert ok["passed"] is True and len(ok["checks"]) == 4  # 2 gates x 2 sets
+    assert ok["verdict_record"].startswith("eval-parity-")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(project["spec"].read_text().replace("{metric: accuracy, min: 0.0}",
+                                                          "{metric: accuracy, min: 1.01, eval_set: golden}"))
+    r = invoke("gate", evaluated["eval"], strict, "--registry", project["reg"], "--json", code=1)
+    bad = jline(r)
+    assert bad["passed"] is False and [c["metric"] for c in bad["failed"]] == ["accuracy"]
+    assert "min 1.01" in bad["failed"][0]["reasons"][0]
+    r = invoke("gate", evaluated["eval"], strict, "--registry", project["reg"], code=1)
+    assert "accuracy@golden" in r.output
+    # a gate on a baseline the eval never ran fails closed
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(project["spec"].read_text().replace(
+        "{metric: accuracy, min: 0.0}", "{metric: regressions, against: parity@production, max: 0}"))
+    bad = jline(invoke("gate", evaluated["eval"], missing, "--registry", project["reg"], "--json", code=1))
+    assert "not measured" in bad["failed"][0]["reasons"][0]
+    from infra.registry import Registry
+
+    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
+    assert reg.get(bad["verdict_record"]).metadata["verdict"] == "fail"
+
+
+def test_gate_logic_beats_regressions_and_default_validity():
+    from pipelines.evaluate.gates import check, effective_gates
+    from pipelines.spec import spec_from_dict
+
+    results = {"sets": {"golden": {"metrics": {"accuracy": 0.8, "valid_rate": 0.97}, "perf": {"latency_p95_s": 0.2}}},
+               "baselines": {"t@production": {"sets": {"golden": {"metrics": {"accuracy": 0.7}, "perf": {},
+                                                                  "compare": {"regressions": 2}}}}}}
+    spec = spec_from_dict({"task": "t", "model": {"base": "x"},
+                           "contract": {"type": "json", "schema": {"type": "object"}},
+                           "gates": [{"metric": "accuracy", "beats": "t@production", "margin": 0.05},
+                                     {"metric": "regressions", "against": "t@production", "max": 0}]})
+    v = check(results, effective_gates(spec))
+    assert [c["passed"] for c in v["checks"]] == [True, False, False]  # beats ok; 2 regressions; valid 0.97 < 0.99
+    assert v["checks"][2]["implicit"] and not v["passed"]
+
+
+def test_score_command(tmp_path):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "output": "pos"}, {"id": "b", "output": "neg"},
+                                               {"id": "c", "output": "???"}])
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"id": "b", "output": "pos"}, {"id": "a", "output": "pos"},
+                                              {"id": "c", "output": "neg"}, {"id": "d", "output": "neg"}])
+    res = jline(invoke("score", "--contract", "label", "--labels", "pos,neg", "--predictions", preds,
+                       "--references", refs, "--json"))
+    assert res["n"] == 3 and res["metrics"]["accuracy"] == pytest.approx(1 / 3)
+    assert res["missing_predictions"] == 1
+    calls = write_jsonl(tmp_path / "tp.jsonl", [{"id": "1", "output": '[{"name": "b", "arguments": {}}, '
+                                                                      '{"name": "a", "arguments": {"x": 1}}]'}])
+    crefs = write_jsonl(tmp_path / "tr.jsonl", [{"id": "1", "output": [{"name": "a", "arguments": {"x": 1}},
+                                                                       {"name": "b", "arguments": {}}]}])
+    res = jline(invoke("score", "--contract", "tool_call", "--predictions", calls, "--references", crefs, "--json"))
+    assert res["metrics"]["call_accuracy"] == 1.0 and res["metrics"]["parse_rate"] == 1.0
+    r = invoke("score", "--contract", "json", "--predictions", preds, "--references", refs, "--json", code=2)
+    assert "schema" in r.output
+
+
+def test_predict_keeps_ids_and_uses_saved_system_prompt(project, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(project["model_dir"], model)
+    (model / "crucible.json").write_text(json.dumps({"system_prompt": "SAVED-PROMPT"}))
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "x1", "prompt": "hello"},
+                                              {"instruction": "add", "input": "1 2"},
+                                              {"id": "x3", "messages": [{"role": "system", "content": "own"},
+                                                                        {"role": "user", "content": "hi"}]}])
+    out = tmp_path / "out.jsonl"
+    res = jline(invoke("predict", model, "--input", inp, "--output", out, "--max-new-tokens", "3", "--json"))
+    got = [json.loads(l) for l in out.read_text().splitlines()]
+    assert res["n"] == 3 and [g["id"] for g in got] == ["x1", "line-2", "x3"]
+    assert all(isinstance(g["output"], str) and g["completion_tokens"] <= 3 for g in got)
+    from pipelines.engines import get_engine
+    from pipelines.evaluate.runner import build_chats
+    from pipelines.evaluate.rows import read_examples
+
+    eng = get_engine("hf", model=str(model))
+    assert eng.default_system_prompt == "SAVED-PROMPT"
+    chats = build_chats(read_examples(inp, need_reference=False), system=eng.default_system_prompt)
+    assert chats[0][0] == {"role": "system", "content": "SAVED-PROMPT"} and chats[2][0]["content"] == "own"
+
+
+def test_eval_with_http_judge(project, tmp_path, monkeypatch):
+    """The judge runs through the http engine against a real local server; unparsed replies are not 0."""
+    from infra.registry import Registry
+    from pipelines.engines import get_engine
+    from pipelines.evaluate import results_of, run
+    from pipelines.spec import load_spec
+    from tests.openai_server import serve
+
+    judge_model = get_engine("hf", model=str(project["model_dir"]))
+    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
+    with serve(judge_model) as (url, state):
+        spec = load_spec(project["spec"], [f"eval.judge={{engine: http, url: '{url}', model: tiny}}",
+                                           "eval.baselines=[]", "eval.limit=3"])
+        m = run(spec, reg, project["model"], log=lambda *a: None, progress=False)
+        assert state["requests"] == 6  # 3 test + 3 golden rows judged
+    _, res = results_of(reg, m.id)
+    rows = [json.loads(l) for l in reg.read_file(m.id, "predictions/model/test.jsonl").decode().splitlines()]
+    assert all("judge_reply" in r for r in rows)
+    parsed = [r["judge"] for r in rows if r["judge"] is not None]
+    assert res["metrics"]["judge_parse_rate"] == pytest.approx(len(parsed) / 3)
+    assert ("judge_score" in res["metrics"]) == bool(parsed)
