@@ -208,6 +208,8 @@ class Train(Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept in storage")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
     lora: LoRA = Field(default_factory=LoRA)
     deepspeed: DeepSpeed | None = None
 
@@ -238,6 +240,10 @@ class Eval(Strict):
     baselines: list[str] = Field(default_factory=list, description="'base', 'prompted-base' or model refs")
     judge: Judge | None = None
     bootstrap: int = Field(1000, ge=0, description="resamples for confidence intervals")
+    fewshot: int = Field(3, ge=0, description="train examples shown to the 'prompted-base' baseline")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N rows of each set")
+    min_valid_rate: float | None = Field(0.99, ge=0, le=1, description="implicit gate on valid_rate for "
+                                         "json/tool_call contracts unless a gate names it; null: off")
 
 
 class Gate(Strict):
@@ -247,6 +253,8 @@ class Gate(Strict):
     max: float | None = None
     beats: str | None = Field(None, description="a baseline the model must beat by `margin`")
     margin: float = 0.0
+    against: str | None = Field(None, description="the baseline a per-example metric such as "
+                                "`regressions` compares with (e.g. production)")
 
     @model_validator(mode="after")
     def _has_bound(self) -> "Gate":
@@ -269,6 +277,15 @@ class Deploy(Strict):
     auto_rollback: bool = True
     max_concurrency: int = Field(32, ge=1, description="in-flight requests before 503")
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="engine inside each model replica")
+    max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for (else 400)")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts (estimated from characters) get 400")
+    rollback_min_requests: int = Field(20, ge=1, description="live canary requests before a breach can "
+                                                               "roll it back")
+    request_timeout_s: float = Field(60.0, gt=0, description="a replica slower than this answers 504")
+    shadow_timeout_s: float = Field(30.0, gt=0, description="a shadow answer later than this is logged as a timeout")
+    log_requests: bool = True
+    log_flush_rows: int = Field(200, ge=1, description="request-log rows per registry manifest")
 
 
 class Spec(Strict):

@@ -1,0 +1,316 @@
+"""The per-worker training function Ray Train runs, and the step math it is built from.
+
+Loss normalisation: the loss of an optimizer step is the sum of token cross-entropies over every
+trained token of every micro-batch on every worker, divided by that global token count. Each
+micro-batch's backward gets ``sum_ce * world / n_global``; DDP and DeepSpeed average gradients
+over ``world``, so the gradient is the same whatever the split into workers and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.templates import IGNORE
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.data import collate, shift_labels
+
+
+# -- step math (pure torch, used by the tests directly) -----------------------------------------
+def forward_sum(model, batch):
+    """(sum of token cross-entropies, number of trained tokens) for one micro-batch."""
+    import torch.nn.functional as F
+
+    kw = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kw["position_ids"] = batch["position_ids"]  # packed: resets mark example boundaries, no 2D mask
+    else:
+        kw["attention_mask"] = batch["attention_mask"]
+    logits = model(**kw).logits.float()
+    targets = shift_labels(batch["labels"], batch.get("position_ids")).to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def target_count(batch) -> int:
+    return int((shift_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
+
+
+def accumulate(model, micro_batches, backward, *, world: int = 1, all_reduce=None) -> tuple[float, int]:
+    """Forward + backward every micro-batch of one optimizer step; returns (global loss, global tokens)."""
+    n_local = sum(target_count(b) for b in micro_batches)
+    n_global = all_reduce(float(n_local)) if all_reduce else float(n_local)
+    total = 0.0
+    for b in micro_batches:
+        loss_sum, _ = forward_sum(model, b)
+        backward(loss_sum * world / max(n_global, 1.0))
+        total += float(loss_sum.detach())
+    total = all_reduce(total) if all_reduce else total
+    return total / max(n_global, 1.0), int(n_global)
+
+
+def lr_at(step: int, total: int, train) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine/linear/constant."""
+    warmup = math.ceil(train.warmup_ratio * total)
+    if step < warmup:
+        return train.lr * (step + 1) / warmup
+    if train.scheduler == "constant":
+        return train.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if train.scheduler == "linear":
+        return train.lr * max(0.0, 1.0 - progress)
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def deepspeed_config(train, world: int, *, builds_optimizer: bool) -> dict:
+    ds = train.deepspeed
+    zero: dict = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    if builds_optimizer:  # optimizer offload needs DeepSpeed's own CPU Adam
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
+                                                       "betas": [0.9, 0.999], "eps": 1e-8}}
+    return cfg
+
+
+# -- the worker -----------------------------------------------------------------------------------
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[crucible train] {msg}", flush=True)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config``: spec (dict), registry, dataset, resume_run, fault."""
+    import random
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from infra.registry import Registry
+    from pipelines.spec import Spec
+    from pipelines.train.data import encode_records, plan_batches, read_records
+    from pipelines.train.model import apply_method, load_base, trainable_parameters
+
+    spec = Spec.model_validate(config["spec"])
+    t = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = dist.is_available() and dist.is_initialized()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    registry = Registry.open(config["registry"])
+    t0 = time.time()
+
+    def all_reduce(x: float) -> float:
+        if not distributed or world == 1:
+            return x
+        v = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(v)
+        return float(v.item())
+
+    # Data: every worker reads the same dataset version and takes its own share of the batches.
+    folder = registry.materialize(config["dataset"])
+    torch.manual_seed(t.seed)
+    model, tokenizer, facts = load_base(spec, registry)
+    train_ex, data_stats = encode_records(tokenizer, read_records(folder / "train.jsonl"), spec.model.max_seq_len,
+                                          spec.model.system_prompt)
+    dev_path = folder / "dev.jsonl"
+    dev_ex = encode_records(tokenizer, read_records(dev_path), spec.model.max_seq_len,
+                            spec.model.system_prompt)[0] if dev_path.exists() else []
+    if not train_ex:
+        raise ValueError(f"dataset {config['dataset']}: no training example has an assistant token to learn")
+    plan = lambda epoch: plan_batches(train_ex, batch_size=t.micro_batch_size, packing=t.packing,  # noqa: E731
+                                      max_len=spec.model.max_seq_len, seed=t.seed, epoch=epoch)
+    per_step = world * t.grad_accum
+    steps_per_epoch = len(plan(0)) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.micro_batch_size × grad_accum × workers = {t.micro_batch_size}×{t.grad_accum}×"
+                         f"{world} needs more batches than the dataset has ({len(plan(0))}); lower them")
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+
+    # Model: LoRA/full, then restore a checkpoint (Ray's after a worker failure, or --resume RUN).
+    torch.manual_seed(t.seed)
+    model = apply_method(model, t, resized_vocab=facts["added_tokens"] > 0).to(device)
+    model.train()
+    named = trainable_parameters(model)
+    params = [p for _, p in named]
+    state = {"step": 0, "history": [], "dev_history": [], "best_dev": None, "bad_evals": 0,
+             "real_tokens": 0, "total_tokens": 0, "train_seconds": 0.0, "stopped_early": False}
+    opt_state = None
+    resume_dir, ray_ckpt = None, ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        resume_dir = Path(ray_ckpt.to_directory())
+    elif config.get("resume_run"):
+        resume_dir = registry.materialize(config["resume_run"]) / "checkpoint"
+    if resume_dir is not None:
+        tensors, opt_state, state = ckpt.load(resume_dir)
+        ckpt.restore_parameters(named, tensors)
+        _log(rank, f"resumed from step {state['step']} ({resume_dir})")
+
+    zero_stage = t.deepspeed.stage if t.deepspeed else None
+    if t.deepspeed:
+        import deepspeed
+
+        builds = t.deepspeed.offload_optimizer
+        optimizer = None if builds else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, dist_init_required=False,
+            config=deepspeed_config(t, world, builds_optimizer=builds))
+        run_model = engine
+
+        def backward(loss):
+            engine.backward(loss, scale_wrt_gas=False)  # we normalise by tokens ourselves
+
+        def optimizer_step(lr):
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            # DeepSpeed steps at its accumulation boundary: it counts micro-steps itself.
+            for _ in range(t.grad_accum):
+                engine.step()
+            return float(engine.get_global_grad_norm() or 0.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        run_model = model
+        if distributed and world > 1:
+            run_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if t.use_gpu else None)
+
+        def backward(loss):
+            loss.backward()
+
+        def optimizer_step(lr):
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(norm)
+    if opt_state and not t.deepspeed:
+        ckpt.restore_optimizer(optimizer, params, opt_state)
+
+    def to_device(b):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+
+    def dev_loss() -> float | None:
+        if not dev_ex:
+            return None
+        batches = plan_batches(dev_ex, batch_size=t.micro_batch_size, packing=False,
+                               max_len=spec.model.max_seq_len, seed=0, epoch=0)
+        share = math.ceil(len(batches) / world)  # every rank runs the same number of forwards (ZeRO-3 gathers)
+        mine = batches[rank::world]
+        run_model.eval()
+        s = n = 0.0
+        with torch.no_grad():
+            for i in range(share):
+                b = to_device(collate(mine[i % len(mine)] if mine else batches[0], tokenizer.pad_token_id))
+                loss_sum, count = forward_sum(run_model, b)
+                if i < len(mine):
+                    s, n = s + float(loss_sum), n + count
+        run_model.train()
+        s, n = all_reduce(s), all_reduce(n)
+        return s / max(n, 1.0)
+
+    def save_checkpoint(final: bool) -> None:
+        tensors = ckpt.trainable_state(named, zero_stage)
+        opt = ckpt.optimizer_tensors(optimizer, params) if not t.deepspeed else None
+        metrics = {"step": state["step"], "loss": state["history"][-1]["loss"] if state["history"] else None}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            if final:
+                with ckpt.gathered(model.parameters() if t.method == "full" else params, zero_stage):
+                    if rank == 0:
+                        save_model_folder(model, tokenizer, spec, facts, folder / "model")
+            if rank == 0:
+                state["peak_rss_mb"] = max(state.get("peak_rss_mb", 0), _peak_rss_mb())
+                ckpt.save(folder, tensors, opt, state)
+                ray.train.report({**metrics, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report({**metrics, "final": final}, checkpoint=None)
+
+    _log(rank, f"{data_stats['examples']} examples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+               f"{world} worker(s), method {t.method}, "
+               f"{'deepspeed zero-' + str(zero_stage) if t.deepspeed else 'ddp' if world > 1 else 'single process'}, "
+               f"packing {'on' if t.packing else 'off'}; setup {time.time() - t0:.1f}s")
+    every = max(1, total_steps // 20)
+    while state["step"] < total_steps and not state["stopped_early"]:
+        step = state["step"]
+        epoch, k = divmod(step, steps_per_epoch)
+        batches = plan(epoch)[k * per_step:(k + 1) * per_step]
+        micro = [to_device(collate(b, tokenizer.pad_token_id)) for b in batches[rank::world]]
+        if config.get("fault") and config["fault"].get("step") == step and rank == world - 1:
+            marker = Path(config["fault"]["marker"])
+            if not marker.exists():  # test hook: this worker dies once, like a lost node
+                marker.write_text("killed")
+                os._exit(1)
+        torch.manual_seed(t.seed * 100_003 + step * world + rank)  # dropout reproducible across resumes
+        random.seed(step)
+        started = time.time()
+        loss, n_tok = accumulate(run_model, micro, backward, world=world, all_reduce=all_reduce)
+        lr = lr_at(step, total_steps, t)
+        grad_norm = optimizer_step(lr)
+        state["train_seconds"] += time.time() - started
+        state["real_tokens"] += int(all_reduce(sum(b["real_tokens"] for b in micro)))
+        state["total_tokens"] += int(all_reduce(sum(b["total_tokens"] for b in micro)))
+        state["step"] = step + 1
+        state["history"].append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok})
+        if rank == 0 and (step % every == 0 or step + 1 == total_steps):
+            tps = state["real_tokens"] / max(state["train_seconds"], 1e-9)
+            _log(rank, f"step {step + 1}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
+        if t.eval_every and (step + 1) % t.eval_every == 0 and dev_ex:
+            d = dev_loss()
+            state["dev_history"].append({"step": step + 1, "loss": d})
+            _log(rank, f"step {step + 1}: dev loss {d:.4f}")
+            if state["best_dev"] is None or d < state["best_dev"] - 1e-6:
+                state["best_dev"], state["bad_evals"] = d, 0
+            else:
+                state["bad_evals"] += 1
+                if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
+                    state["stopped_early"] = True
+                    _log(rank, f"early stop at step {step + 1}: dev loss has not improved for "
+                               f"{state['bad_evals']} evals (best {state['best_dev']:.4f})")
+        if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps \
+                and not state["stopped_early"]:
+            save_checkpoint(final=False)
+    if dev_ex and (not state["dev_history"] or state["dev_history"][-1]["step"] != state["step"]):
+        state["dev_history"].append({"step": state["step"], "loss": dev_loss()})
+    state["total_steps"] = total_steps
+    state["data"] = data_stats
+    state["template"] = facts["template"]
+    save_checkpoint(final=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_model_folder(model, tokenizer, spec, facts: dict, out: Path) -> None:
+    """The registered model: adapter (LoRA) or weights (full), tokenizer with the training
+    template unchanged, generation config, and crucible.json (system prompt, base, template)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    gen = getattr(model, "generation_config", None) or getattr(getattr(model, "base_model", None), "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(out))
+    (out / "crucible.json").write_text(json.dumps({
+        "system_prompt": spec.model.system_prompt, "base_model": spec.model.base, "gguf_file": facts["gguf_file"],
+        "template": facts["template"], "method": spec.train.method, "max_seq_len": spec.model.max_seq_len}, indent=1))
