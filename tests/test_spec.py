@@ -103,11 +103,19 @@ def test_broken_yaml_names_the_line(tmp_path):
 
 def test_example_spec_validates_once_its_data_is_prepared(tmp_path):
     csv_path = shared("datasets", "customer-support", "support.csv")
-    out = tmp_path / "triage.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "examples/support-triage/prepare.py"), str(csv_path), str(out)],
+    subprocess.run([sys.executable, str(ROOT / "examples/support-triage/prepare.py"), str(csv_path), str(tmp_path)],
                    check=True, capture_output=True)
-    first = json.loads(out.read_text().splitlines()[0])
-    assert first["messages"][0]["role"] == "user" and json.loads(first["messages"][1]["content"])["intent"]
-    spec = load_spec(ROOT / "examples/support-triage/spec.yaml", [f"data.train=[{out}]"], check_paths=True)
+    pool = [json.loads(l) for l in (tmp_path / "triage.jsonl").read_text().splitlines()]
+    golden = [json.loads(l) for l in (tmp_path / "golden.jsonl").read_text().splitlines()]
+    adversarial = [json.loads(l) for l in (tmp_path / "adversarial.jsonl").read_text().splitlines()]
+    assert pool[0]["messages"][0]["role"] == "user" and json.loads(pool[0]["messages"][1]["content"])["intent"]
+    assert len(pool) + len(golden) == 3020 and len(golden) == len(adversarial) > 100
+    assert not {r["messages"][0]["content"] for r in pool} & {r["messages"][0]["content"] for r in golden}
+    changed = sum(a["messages"][0]["content"] != g["messages"][0]["content"] for a, g in zip(adversarial, golden))
+    assert changed == len(golden)  # every adversarial row differs from its golden twin, same answer
+    assert all(a["messages"][1] == g["messages"][1] for a, g in zip(adversarial, golden))
+    spec = load_spec(ROOT / "examples/support-triage/spec.yaml",
+                     [f"data.train=[{tmp_path}/triage.jsonl]", f"data.eval.golden={tmp_path}/golden.jsonl",
+                      f"data.eval.adversarial={tmp_path}/adversarial.jsonl"], check_paths=True)
     assert spec.task == "support-triage" and spec.contract.type == "json"
     assert spec.json_schema_doc()["required"] == ["intent", "category", "entity"]
