@@ -125,6 +125,10 @@ def test_gate_pass_and_fail_exit_codes(evaluated, project, tmp_path):
     ok = jline(invoke("gate", evaluated["eval"], "--registry", project["reg"], "--json"))
     assert ok["passed"] is True and len(ok["checks"]) == 4  # 2 gates x 2 sets
     assert ok["verdict_record"].startswith("eval-parity-")
+    from infra.registry import Registry
+
+    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
+    assert reg.get(ok["verdict_record"]).metadata["passed"] is True  # what serving reads before a promote
     strict = tmp_path / "strict.yaml"
     strict.write_text(project["spec"].read_text().replace("{metric: accuracy, min: 0.0}",
                                                           "{metric: accuracy, min: 1.01, eval_set: golden}"))
@@ -140,10 +144,8 @@ def test_gate_pass_and_fail_exit_codes(evaluated, project, tmp_path):
         "{metric: accuracy, min: 0.0}", "{metric: regressions, against: parity@production, max: 0}"))
     bad = jline(invoke("gate", evaluated["eval"], missing, "--registry", project["reg"], "--json", code=1))
     assert "not measured" in bad["failed"][0]["reasons"][0]
-    from infra.registry import Registry
-
-    reg = Registry.open(project["reg"], cache_dir=project["tmp"] / "cache")
     assert reg.get(bad["verdict_record"]).metadata["verdict"] == "fail"
+    assert reg.get(bad["verdict_record"]).metadata["passed"] is False
 
 
 def test_gate_logic_beats_regressions_and_default_validity():

@@ -142,7 +142,7 @@ def gate(registry, eval_ref: str, spec=None) -> tuple[dict, Any]:
     verdict["eval"] = m.id
     record = registry.create("eval", m.task, files={"verdict.json": json.dumps(verdict, indent=2, default=str).encode()},
                              inputs={"eval": m.id, "model": m.inputs.get("model"), "spec_hash": spec.spec_hash()},
-                             metadata={"verdict": "pass" if verdict["passed"] else "fail",
+                             metadata={"verdict": "pass" if verdict["passed"] else "fail", "passed": verdict["passed"],
                                        "failed": [f"{c['metric']}@{c['eval_set']}" for c in verdict["failed"]]})
     verdict["verdict_record"] = record.id
     return verdict, record

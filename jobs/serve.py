@@ -1,0 +1,306 @@
+"""``crucible serve | deploy | promote | rollback | status``: the task's Serve application.
+
+``serve`` starts (or updates) the app from the registry's aliases on a Ray it starts locally (a
+``ray start --head`` of its own, on 127.0.0.1, stopped again by ``serve --stop``) or on
+``$RAY_ADDRESS``. The other commands talk to the running app's admin routes with
+``$CRUCIBLE_ADMIN_TOKEN``; when no app is running they change the registry only (aliases plus an
+event), which the next ``serve`` picks up.
+
+Also runs as ``python -m jobs.serve SPEC`` (same as ``crucible serve SPEC``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jobs.common import CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emit, open_registry, out
+
+SpecArg = typer.Argument(..., help="The spec YAML file.")
+
+
+def _load(spec_path: Path, set_: list[str] | None, registry: str | None):
+    from pipelines.spec import load_spec
+
+    spec = load_spec(spec_path, set_ or [])
+    reg = open_registry(registry or spec.registry)
+    return spec, reg
+
+
+def _state_file(task: str) -> Path:
+    cache = Path(os.environ.get("CRUCIBLE_CACHE") or ".cache/crucible").resolve()
+    return cache / "serve" / f"{task}.json"
+
+
+def _base_url(spec) -> str:
+    return f"http://{spec.deploy.host}:{spec.deploy.port}"
+
+
+def _admin(spec, method: str, path: str, body: dict | None = None) -> dict | None:
+    """Call an admin route of the running app; None when no app answers at the spec's address."""
+    import httpx
+
+    from serving.auth import admin_headers
+
+    try:
+        httpx.get(_base_url(spec) + "/healthz", timeout=3).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    r = httpx.request(method, _base_url(spec) + path, json=body, headers=admin_headers(), timeout=600)
+    payload = r.json()
+    if r.status_code == 401:
+        raise ValueError("the app refused the admin token: set $CRUCIBLE_ADMIN_TOKEN to the one it was started with")
+    if r.status_code >= 400:
+        message = payload.get("error", {}).get("message", r.text)
+        raise (CheckFailed if r.status_code == 409 else ValueError)(message)
+    return payload
+
+
+# -- a local Ray head of our own ------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_cluster(task: str) -> str:
+    """The Ray address to deploy on: $RAY_ADDRESS, our running head, or a new local head."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    state_path = _state_file(task)
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        try:
+            os.killpg(state["pgid"], 0)
+            return state["address"]
+        except (ProcessLookupError, PermissionError):
+            state_path.unlink()
+    from infra.ray_env import local_ray_env
+
+    temp = state_path.parent / f"ray-{task}"
+    temp.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **local_ray_env(), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    args = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+            f"--num-cpus={os.cpu_count() or 2}", f"--temp-dir={temp}", "--disable-usage-stats",
+            "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+    log = open(temp / "ray-head.log", "ab")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    state_path.write_text(json.dumps({"address": address, "pgid": proc.pid, "started": time.time()}))
+    time.sleep(3)  # ray.init(address=...) below retries until the GCS answers
+    return address
+
+
+def _connect(task: str):
+    from infra.ray_env import ensure_ray
+
+    return ensure_ray(_ensure_cluster(task))
+
+
+def _stop(spec) -> dict:
+    state_path = _state_file(spec.task)
+    stopped_ray = False
+    if state_path.exists() or os.environ.get("RAY_ADDRESS"):
+        from ray import serve
+
+        _connect(spec.task)
+        names = [n for n in serve.status().applications if n == spec.task or n.startswith(spec.task + "--")]
+        for name in names:
+            serve.delete(name)
+        if state_path.exists():  # only the Ray this command started; never `ray stop`
+            import ray
+
+            ray.shutdown()
+            pgid = json.loads(state_path.read_text())["pgid"]
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(pgid, sig)
+                    time.sleep(3)
+                except ProcessLookupError:
+                    break
+            state_path.unlink()
+            stopped_ray = True
+        return {"stopped_apps": names, "stopped_ray": stopped_ray}
+    return {"stopped_apps": [], "stopped_ray": False}
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    @command
+    def serve_cmd(spec_path: Path = SpecArg, host: Optional[str] = typer.Option(None, help="Bind address."),
+                  port: Optional[int] = typer.Option(None, help="HTTP port."),
+                  stop: bool = typer.Option(False, "--stop", help="Shut the app and the local Ray it started."),
+                  set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt,
+                  as_json: bool = JsonOpt):
+        """Start (or update) the task's Serve app: production, plus canary and shadow when set."""
+        overrides = (set_ or []) + ([f"deploy.host={host}"] if host else []) + ([f"deploy.port={port}"] if port else [])
+        spec, reg = _load(spec_path, overrides, registry)
+        from serving.state import read_plan, record_event
+
+        if stop:
+            result = _stop(spec)
+            record_event(reg, spec.task, {"action": "stop", **result}, read_plan(reg, spec.task, 0.0))
+            emit(result, as_json, lambda: out.print(f"stopped {', '.join(result['stopped_apps']) or 'nothing'}"
+                                                    + ("; local Ray stopped" if result["stopped_ray"] else "")))
+            return
+        plan = read_plan(reg, spec.task, spec.deploy.canary_weight)
+        if not plan["models"]["production"]:
+            raise ValueError(f"{spec.task}@production is not set: crucible deploy {spec_path} --model REF "
+                             "--as production (or crucible registry alias)")
+        _connect(spec.task)
+        from ray import serve
+
+        from serving.app import deploy
+
+        serve.start(http_options={"host": spec.deploy.host, "port": spec.deploy.port})
+        t0 = time.perf_counter()
+        deploy(spec, plan, reg.uri)
+        event = record_event(reg, spec.task, {"action": "serve", "url": _base_url(spec)}, plan)
+        result = {"url": _base_url(spec), **plan, "event": event, "seconds": round(time.perf_counter() - t0, 1)}
+        emit(result, as_json, lambda: out.print(
+            f"serving {spec.task} at {_base_url(spec)}/v1  production {plan['models']['production']}"
+            + (f", canary {plan['models']['canary']} at {plan['canary_weight']:.0%}" if plan['models']['canary'] else "")
+            + (f", shadow {plan['models']['shadow']}" if plan['models']['shadow'] else ""), highlight=False))
+
+    @app.command("deploy")
+    @command
+    def deploy_cmd(spec_path: Path = SpecArg, model: str = typer.Option(..., "--model", help="A model id or TASK@ALIAS."),
+                   as_: str = typer.Option("canary", "--as", help="canary, shadow, or production (first deploy only)."),
+                   weight: Optional[float] = typer.Option(None, "--weight", min=0, max=1, help="Canary traffic share."),
+                   set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
+        """Put a model in front of traffic as the canary (weighted split) or the shadow (mirrored)."""
+        spec, reg = _load(spec_path, set_, registry)
+        from serving.state import deploy_in_registry, read_plan
+
+        if as_ not in ("canary", "shadow", "production"):
+            raise ValueError("--as: canary, shadow or production")
+        ref = reg.get(model).id
+        plan = read_plan(reg, spec.task, spec.deploy.canary_weight)
+        if as_ == "production" and plan["models"]["production"]:
+            raise ValueError(f"{spec.task}@production is {plan['models']['production']}: deploy the new model "
+                             "--as canary and promote it")
+        weight = spec.deploy.canary_weight if weight is None else weight
+        live = None if as_ == "production" else _admin(spec, "POST", "/admin/deploy",
+                                                        {"model": ref, "as": as_, "weight": weight})
+        if live is None:  # no app running: the registry alone, picked up by the next `crucible serve`
+            live = deploy_in_registry(reg, spec.task, ref, as_, weight)
+        emit(live, as_json, lambda: out.print(f"{ref} is now {as_}" + (f" at {weight:.0%}" if as_ == "canary" else "")
+                                               + ("" if live.get("live", True) else " (registry only; no app running)"),
+                                               highlight=False))
+
+    @app.command("promote")
+    @command
+    def promote_cmd(spec_path: Path = SpecArg, force: bool = typer.Option(False, "--force", help="Promote even if "
+                                                                            "the policy says wait."),
+                    set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
+        """Make the canary production (needs its eval gate and live thresholds met, or --force)."""
+        spec, reg = _load(spec_path, set_, registry)
+        result = _admin(spec, "POST", "/admin/promote", {"force": force})
+        if result is None:
+            result = _offline_promote(spec, reg, force)
+        elif result.get("retired_app"):
+            from ray import serve
+
+            _connect(spec.task)
+            serve.delete(result["retired_app"])  # drained gracefully by Serve
+        emit(result, as_json, lambda: out.print(f"promoted {result['model']} to production", highlight=False))
+
+    @app.command("rollback")
+    @command
+    def rollback_cmd(spec_path: Path = SpecArg, set_: Optional[list[str]] = SetOpt,
+                     registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
+        """Send no more traffic to the canary and clear the canary alias; production is untouched."""
+        spec, reg = _load(spec_path, set_, registry)
+        result = _admin(spec, "POST", "/admin/rollback", {})
+        if result is None:
+            from serving.state import read_plan, record_event, set_role
+
+            canary = set_role(reg, spec.task, "canary", None)
+            if not canary:
+                raise ValueError(f"{spec.task}@canary is not set: nothing to roll back")
+            event = record_event(reg, spec.task, {"action": "rollback", "model": canary, "automatic": False},
+                                 read_plan(reg, spec.task, 0.0))
+            result = {"action": "rollback", "model": canary, "event": event, "live": False}
+        emit(result, as_json, lambda: out.print(f"rolled back {result['model']}", highlight=False))
+
+    @app.command("status")
+    @command
+    def status_cmd(spec_path: Path = SpecArg, set_: Optional[list[str]] = SetOpt,
+                   registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
+        """Who serves what, the canary weight, live metrics and the policy's current decision."""
+        spec, reg = _load(spec_path, set_, registry)
+        from serving.state import latest_events_manifest, read_plan
+
+        live = None
+        if os.environ.get("CRUCIBLE_ADMIN_TOKEN"):
+            live = _admin(spec, "GET", "/admin/status")
+        last = latest_events_manifest(reg, spec.task)
+        result = {"task": spec.task, "url": _base_url(spec), "running": live is not None,
+                  **(live or read_plan(reg, spec.task, spec.deploy.canary_weight)),
+                  "recent_events": (last.metadata.get("events", []) if last else [])[-10:]}
+        emit(result, as_json, lambda: _print_status(result))
+
+
+def _offline_promote(spec, reg, force: bool) -> dict:
+    from serving.state import gate_verdict, read_plan, record_event, set_role
+
+    plan = read_plan(reg, spec.task, 0.0)
+    canary = plan["models"]["canary"]
+    if not canary:
+        raise ValueError(f"{spec.task}@canary is not set: nothing to promote")
+    if not force:
+        raise CheckFailed("no app is running, so there are no live metrics to judge the canary by; "
+                          f"eval gate: {gate_verdict(reg, spec.task, canary)}; use --force to promote anyway")
+    previous = set_role(reg, spec.task, "production", canary)
+    set_role(reg, spec.task, "canary", None)
+    event = record_event(reg, spec.task, {"action": "promote", "model": canary, "previous": previous,
+                                          "automatic": False, "live": False, "reasons": ["forced offline"]},
+                         read_plan(reg, spec.task, 0.0))
+    return {"action": "promote", "model": canary, "previous": previous, "event": event, "live": False}
+
+
+def _print_status(r: dict) -> None:
+    from rich.table import Table
+
+    out.print(f"[bold]{r['task']}[/bold] at {r['url']}: " + ("running" if r["running"] else "not running (registry view)"))
+    table = Table()
+    for col in ("role", "model", "requests", "errors", "validity", "p50 ms", "p95 ms"):
+        table.add_column(col)
+    for role, ref in r["models"].items():
+        s = (r.get("live") or {}).get(role) or {}
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        table.add_row(role + (f" ({r['canary_weight']:.0%})" if role == "canary" and ref else ""), ref or "-",
+                      str(s.get("requests", "-")), str(s.get("errors", "-")), fmt(s.get("validity"), ".1%"),
+                      fmt(s.get("p50_ms"), ".0f"), fmt(s.get("p95_ms"), ".0f"))
+    out.print(table)
+    if r.get("decision"):
+        out.print(f"policy: {r['decision']['action']} — {'; '.join(r['decision']['reasons'])}", highlight=False)
+    for e in r["recent_events"][-5:]:
+        out.print(f"  {e.get('at')} {e.get('action')} {e.get('model', '')}", highlight=False)
+
+
+def main() -> None:
+    from infra.ray_env import prepare_local_env
+
+    prepare_local_env()
+    app = typer.Typer(add_completion=False)
+    register(app)
+    sys.argv.insert(1, "serve")
+    app()
+
+
+if __name__ == "__main__":
+    main()

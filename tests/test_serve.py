@@ -1,0 +1,262 @@
+"""The Serve app over real HTTP on 127.0.0.1: real local Ray, real tiny models from the registry.
+
+One ``serve.run`` set-up per module: production, canary (weight 0.1), a shadow that sleeps and
+fails half the time, and a canary that always fails (started but unrouted until a test deploys
+it). The last two use the replica's test-only fault injection; everything else is the real path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+TOKEN = "test-admin-token-6"
+TASK = "serve6"
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory, gpt2_tokenizer):
+    from ray import serve
+
+    from infra.registry import Registry
+    from pipelines.modeling import init_model
+    from pipelines.spec import spec_from_dict
+    from serving.app import deploy, deploy_model
+    from tests.s3server import free_port
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CRUCIBLE_ADMIN_TOKEN", TOKEN)
+    root = tmp_path_factory.mktemp("serve")
+    uri = f"file://{root / 'registry'}"
+    reg = Registry.open(uri)
+    refs = {}
+    for name, seed in (("production", 1), ("canary", 2), ("shadow", 3), ("broken", 4)):
+        init_model(root / name, tokenizer=gpt2_tokenizer, layers=1, hidden=32, heads=2, seed=seed)
+        refs[name] = reg.add_directory("model", TASK, root / name).id
+    for role in ("production", "canary", "shadow"):
+        reg.set_alias(TASK, role, refs[role])
+    spec = spec_from_dict({"task": TASK, "model": {"base": str(root / "production")}, "registry": uri,
+                           "deploy": {"num_cpus": 0.25, "canary_weight": 0.1, "max_concurrency": 16,
+                                      "rollback_min_requests": 10, "min_requests": 10, "max_new_tokens": 64,
+                                      "max_body_bytes": 4096, "log_flush_rows": 1000, "shadow_timeout_s": 10,
+                                      "max_p95_ratio": 5.0}})  # CPU noise on 2 cores: judge errors, not jitter
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    plan = {"task": TASK, "models": {r: refs[r] for r in ("production", "canary", "shadow")}, "canary_weight": 0.1}
+    faults = {refs["shadow"]: {"delay_s": 1.5, "error_rate": 0.5}, refs["broken"]: {"error_rate": 1.0}}
+    t0 = time.perf_counter()
+    deploy(spec, plan, uri, faults=faults, extra=(refs["broken"],))
+    print(f"\nfour models and the router up in {time.perf_counter() - t0:.1f} s")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield {"url": f"http://127.0.0.1:{port}", "client": client, "refs": refs, "reg": reg, "spec": spec}
+    client.close()
+    serve.shutdown()
+    mp.undo()
+
+
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def chat(client, user="u", content="hello there", **kw):
+    body = {"model": TASK, "messages": [{"role": "user", "content": content}], "max_tokens": 4, "user": user, **kw}
+    return client.post("/v1/chat/completions", json=body)
+
+
+async def _many(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async def one(b):
+            async with sem:
+                return await c.post("/v1/chat/completions", json=b)
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def many(app, bodies, concurrency=8):
+    return asyncio.run(_many(app["url"], bodies, concurrency))
+
+
+def test_health_models_and_header(app):
+    c, refs = app["client"], app["refs"]
+    h = c.get("/healthz")
+    assert h.status_code == 200 and h.headers["x-crucible-model"] == refs["production"]
+    ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert TASK in ids and refs["production"] in ids and refs["canary"] in ids
+    assert refs["shadow"] not in ids  # the shadow never answers, so it is not offered
+
+
+def test_chat_completion_shape_and_pinning(app):
+    c, refs = app["client"], app["refs"]
+    r = chat(c, user="alice")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-crucible-model"] == body["model"] and body["model"] in (refs["production"], refs["canary"])
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert 1 <= body["usage"]["completion_tokens"] <= 4
+    pinned = c.post("/v1/chat/completions", json={"model": refs["canary"], "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert pinned.status_code == 200 and pinned.headers["x-crucible-model"] == refs["canary"]
+
+
+@pytest.mark.slow
+def test_split_share_and_sticky_users(app):
+    refs = app["refs"]
+    bodies = [{"model": TASK, "user": f"user-{i}", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+              for i in range(1000)]
+    t0 = time.perf_counter()
+    rs = many(app, bodies)
+    elapsed = time.perf_counter() - t0
+    assert all(r.status_code == 200 for r in rs), {r.status_code for r in rs}
+    served = [r.headers["x-crucible-model"] for r in rs]
+    share = served.count(refs["canary"]) / len(served)
+    print(f"\ncanary share over 1000 users at weight 0.1: {share:.3f} ({elapsed:.1f} s, "
+          f"{len(rs) / elapsed:.0f} req/s)")
+    assert abs(share - 0.1) <= 0.03
+    assert set(served) == {refs["production"], refs["canary"]}
+    # sticky: the same user gets the same model every time, and a session header works too
+    again = many(app, bodies[:200])
+    assert [r.headers["x-crucible-model"] for r in again] == served[:200]
+    c = app["client"]
+    for sid in ("s-1", "s-2", "s-3"):
+        seen = {c.post("/v1/chat/completions", headers={"x-session-id": sid},
+                       json={"messages": [{"role": "user", "content": "q"}], "max_tokens": 1}
+                       ).headers["x-crucible-model"] for _ in range(4)}
+        assert len(seen) == 1
+
+
+def test_admin_requires_token_and_changes_nothing(app):
+    c = app["client"]
+    before = c.get("/admin/status", headers=ADMIN).json()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for path, body in (("/admin/weights", {"canary_weight": 0.9}), ("/admin/rollback", {}),
+                           ("/admin/promote", {"force": True}),
+                           ("/admin/deploy", {"model": app["refs"]["broken"], "as": "canary"})):
+            r = c.post(path, json=body, headers=headers)
+            assert r.status_code == 401, (path, r.status_code, r.text)
+            assert "Bearer" in r.json()["error"]["message"]
+        assert c.get("/admin/status", headers=headers).status_code == 401
+    after = c.get("/admin/status", headers=ADMIN).json()
+    assert after["models"] == before["models"] and after["canary_weight"] == before["canary_weight"] == 0.1
+
+
+def test_bad_requests_get_4xx_with_a_message(app):
+    c, prod = app["client"], app["refs"]["production"]
+    cases = [
+        (c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400,
+         "not valid JSON"),
+        (c.post("/v1/chat/completions", json={"model": TASK}), 400, "messages"),
+        (c.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400, "role"),
+        (chat(c, model="no-such-model"), 404, "not served"),
+        (chat(c, max_tokens=10_000), 400, "max_tokens"),
+        (chat(c, content="x" * 5000), 413, "limit"),
+        (chat(c, temperature="hot"), 400, "temperature"),
+    ]
+    for r, status, words in cases:
+        assert r.status_code == status, (status, r.text)
+        assert words in r.json()["error"]["message"]
+        assert r.headers["x-crucible-model"] == prod
+    assert chat(c).status_code == 200  # still serving
+
+
+def test_shadow_never_delays_or_changes_answers(app):
+    c, refs = app["client"], app["refs"]
+    # earlier tests can leave the mirror full (it skips, by design, beyond max_concurrency): drain it
+    assert c.post("/admin/flush", headers=ADMIN).status_code == 200
+    latencies = []
+    for i in range(6):
+        t0 = time.perf_counter()
+        r = chat(c, user=f"shadow-user-{i}", content=f"question {i} mail me at jo@example.com")
+        latencies.append(time.perf_counter() - t0)
+        assert r.status_code == 200 and r.headers["x-crucible-model"] != refs["shadow"]
+    # the shadow sleeps 1.5 s per request and fails half the time; the client never waits for it
+    assert max(latencies) < 1.0, latencies
+    flushed = c.post("/admin/flush", headers=ADMIN)  # waits for the shadow calls in flight
+    assert flushed.status_code == 200 and flushed.json()["manifest"]
+    from serving.requestlog import read_request_logs
+
+    rows = [r for r in read_request_logs(app["reg"], TASK) if r["user"] and "question" in r["messages"][0]["content"]]
+    assert len(rows) == 6
+    for row in rows:
+        assert row["model"] in (refs["production"], refs["canary"]) and row["status"] == 200
+        assert row["messages"][-1]["role"] == "assistant"
+        assert "jo@example.com" not in json.dumps(row) and "[EMAIL]" in row["messages"][0]["content"]
+        assert row["shadow"]["model"] == refs["shadow"] and row["shadow"]["latency_ms"] >= 1400
+        assert row["shadow"]["status"] in (200, 502)
+    statuses = {row["shadow"]["status"] for row in rows}
+    status = c.get("/admin/status", headers=ADMIN).json()
+    assert status["live"]["shadow"]["requests"] >= 6
+    print(f"\nshadow statuses {statuses}, mirror {status['shadow_mirror']}")
+
+
+def test_load_burst_only_declared_overload(app):
+    bodies = [{"model": TASK, "user": f"burst-{i}", "max_tokens": 8, "messages": [{"role": "user", "content": "b"}]}
+              for i in range(120)]
+    rs = many(app, bodies, concurrency=60)
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, set(codes)
+    assert codes.count(200) > 0
+    for r in rs:
+        assert r.headers.get("x-crucible-model")
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+    print(f"\nburst of 120 at concurrency 60: {codes.count(200)} ok, {codes.count(503)} overload (503)")
+    assert chat(app["client"]).status_code == 200
+
+
+def test_broken_canary_rolls_back_automatically(app):
+    c, refs, reg = app["client"], app["refs"], app["reg"]
+    r = c.post("/admin/deploy", headers=ADMIN, json={"model": refs["broken"], "as": "canary", "weight": 1.0})
+    assert r.status_code == 200, r.text
+    assert reg.alias(TASK, "canary")["target"] == refs["broken"]
+    codes = []
+    for i in range(25):
+        resp = chat(c, user=f"rb-{i}")
+        codes.append((resp.status_code, resp.headers["x-crucible-model"]))
+        assert resp.status_code in (200, 502)
+    # the first failures reach clients until the window is judged; then all traffic is production
+    assert (502, refs["broken"]) in codes
+    assert codes[-5:] == [(200, refs["production"])] * 5
+    status = c.get("/admin/status", headers=ADMIN).json()
+    assert status["canary_weight"] == 0 and status["models"]["canary"] is None
+    assert status["models"]["production"] == refs["production"]
+    assert reg.alias(TASK, "canary")["target"] is None
+    assert reg.alias(TASK, "production")["target"] == refs["production"]  # production untouched
+    from serving.state import latest_events_manifest
+
+    event = latest_events_manifest(reg, TASK).metadata["event"]
+    assert event["action"] == "rollback" and event["automatic"] and event["model"] == refs["broken"]
+    assert "error rate" in event["reasons"][0]
+
+
+def test_promote_needs_gate_then_swaps_without_dropping_requests(app):
+    c, refs, reg = app["client"], app["refs"], app["reg"]
+    r = c.post("/admin/deploy", headers=ADMIN, json={"model": refs["canary"], "as": "canary", "weight": 0.5})
+    assert r.status_code == 200, r.text
+    for i in range(30):
+        assert chat(c, user=f"pr-{i}").status_code == 200
+    refused = c.post("/admin/promote", headers=ADMIN, json={})
+    assert refused.status_code == 409 and "eval gate" in refused.json()["error"]["message"]
+    # the record `crucible gate` writes (pipelines.evaluate.gate): inputs.model + metadata.passed
+    reg.create("eval", TASK, inputs={"model": refs["canary"]}, metadata={"verdict": "pass", "passed": True})
+
+    async def traffic_during_promote():
+        async with httpx.AsyncClient(base_url=app["url"], timeout=60) as ac:
+            body = {"messages": [{"role": "user", "content": "p"}], "max_tokens": 16}
+            load = [asyncio.create_task(ac.post("/v1/chat/completions", json={**body, "user": f"x{i}"}))
+                    for i in range(12)]
+            await asyncio.sleep(0.05)
+            promoted = await ac.post("/admin/promote", headers=ADMIN, json={})
+            return promoted, await asyncio.gather(*load)
+
+    promoted, load = asyncio.run(traffic_during_promote())
+    assert promoted.status_code == 200, promoted.text
+    assert [r.status_code for r in load] == [200] * 12
+    assert reg.alias(TASK, "production")["target"] == refs["canary"]
+    assert chat(c, user="after").headers["x-crucible-model"] == refs["canary"]
+    from serving.state import latest_events_manifest
+
+    events = latest_events_manifest(reg, TASK).metadata["events"]
+    assert [e["action"] for e in events][-2:] == ["deploy", "promote"]
