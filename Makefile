@@ -48,5 +48,8 @@ local-test:
 test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench:
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf .cache .crucible .pytest_cache
