@@ -8,12 +8,13 @@ export HF_HUB_OFFLINE := 1
 
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup setup-vllm local-test test-fast bench clean help
+.PHONY: setup setup-vllm local-test test-fast bench demo clean help
 
 help:
 	@echo "make setup       create $(VENV): torch 2.13.0 CPU first, then crucible with the pinned stack"
 	@echo "make local-test  run the whole test suite (real local Ray, real S3 server, tiny models)"
 	@echo "make test-fast   the suite without tests marked slow"
+	@echo "make demo        support triage end to end on SmolLM2-135M: data, LoRA, eval, gate, canary, promote"
 	@echo "make bench       benchmarks; JSON with ratios against a baseline measured in the same run, in bench/"
 	@echo "make clean       remove caches and the local registry"
 
@@ -50,6 +51,10 @@ test-fast:
 
 bench:
 	$(BIN)/python -m bench.run
+
+# The support-triage specialist end to end on SmolLM2-135M (CPU, ~20 min); see examples/support-triage.
+demo:
+	$(BIN)/python examples/support-triage/demo.py
 
 clean:
 	rm -rf .cache .crucible .pytest_cache
