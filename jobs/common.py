@@ -92,3 +92,14 @@ def human_size(n: float) -> str:
 
 class CheckFailed(Exception):
     """The command ran, and a check it exists to make failed (exit 1)."""
+
+
+def run_standalone(fn: Callable) -> None:
+    """``python -m jobs.<stage> SPEC [...]``: one command as its own program, the way a laptop
+    shell or ``ray job submit`` runs a stage. Local-mode env is set before anything imports ray."""
+    from infra.ray_env import prepare_local_env
+
+    prepare_local_env()
+    solo = typer.Typer(add_completion=False, rich_markup_mode="markdown")
+    solo.command()(command(fn))
+    solo()

@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from jobs.common import CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emit, err, open_registry, out
+from jobs.common import (CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emit, err, open_registry, out,
+                         run_standalone)
 
 
 def _metrics_table(title: str, metrics: dict, ci: dict | None = None):
@@ -195,10 +196,5 @@ def register(app: typer.Typer) -> None:
     app.command("gate")(command(gate_cmd))
 
 
-if __name__ == "__main__":
-    from infra.ray_env import prepare_local_env
-
-    prepare_local_env()
-    app = typer.Typer(add_completion=False)
-    app.command()(command(eval_cmd))
-    app()
+if __name__ == "__main__":  # python -m jobs.evaluate SPEC [...] (locally or under `ray job submit`)
+    run_standalone(eval_cmd)

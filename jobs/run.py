@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from jobs.common import CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emit, open_registry, out
+from jobs.common import CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emit, open_registry, out, run_standalone
 
 
 def run_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The spec YAML file."),
@@ -41,9 +41,4 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":  # python -m jobs.run SPEC [...] (locally or under `ray job submit`)
-    from infra.ray_env import prepare_local_env
-
-    prepare_local_env()
-    solo = typer.Typer(add_completion=False)
-    solo.command()(command(run_cmd))
-    solo()
+    run_standalone(run_cmd)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from jobs.common import JsonOpt, RegistryOpt, SetOpt, command, emit, open_registry, out
+from jobs.common import JsonOpt, RegistryOpt, SetOpt, command, emit, open_registry, out, run_standalone
 
 DatasetOpt = typer.Option(None, "--dataset", metavar="REF",
                           help="Dataset artifact id or TASK@ALIAS (default: the task's newest dataset).")
@@ -113,9 +113,4 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":  # python -m jobs.train SPEC [...] (locally or under `ray job submit`)
-    from infra.ray_env import prepare_local_env
-
-    prepare_local_env()
-    solo = typer.Typer(add_completion=False)
-    solo.command()(command(train_cmd))
-    solo()
+    run_standalone(train_cmd)
