@@ -116,6 +116,16 @@ class Teacher(Strict):
     per_seed: int = Field(2, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.8, ge=0)
+    seeds: int | None = Field(None, ge=1, description="use at most this many seed rows (default: all)")
+    difficulties: list[str] = Field(default_factory=lambda: ["easy", "medium", "hard"])
+    edge_cases: list[str] = Field(default_factory=lambda: ["typos", "ambiguous request", "very short message",
+                                                           "several requests in one message"])
+    judge_url: str | None = Field(None, description="rubric judge endpoint (default: the teacher's)")
+    judge_model: str | None = None
+    min_total: int = Field(26, ge=7, le=35, description="accept a candidate at rubric total >= this (7 criteria, 1-5)")
+    min_correctness: int = Field(4, ge=1, le=5)
+    min_format: int = Field(5, ge=1, le=5)
+    min_safety: int = Field(4, ge=1, le=5)
 
 
 class Data(Strict):
@@ -129,6 +139,8 @@ class Data(Strict):
     min_chars: int = Field(2, ge=0, description="shorter user/assistant turns are rejected")
     balance_field: str | None = Field(None, description="metadata field to count and cap by (e.g. intent)")
     cap_per_class: int | None = Field(None, ge=1)
+    leak_phrases: list[str] = Field(default_factory=list, description="extra phrases that reject an answer as "
+                                    "leaked generation instructions (case-insensitive; built-ins always apply)")
     teacher: Teacher | None = None
 
     @field_validator("train", mode="before")

@@ -6,36 +6,24 @@ file ``requests.jsonl``. Rows carry ``messages`` (the chat plus the answer as th
 so the factory's ``messages`` reader can take a request log as a source: production traffic
 becomes eval and training data.
 
-There is no factory scrubber in the tree yet, so a small one lives here (``scrub``): e-mail
-addresses, phone numbers, card-like digit runs, IPv4 addresses and IBAN-like strings.
+PII is scrubbed by the factory's own scrubber (``pipelines.factory.gates.scrub``), so a request log
+fed back to the factory holds exactly what the factory would have kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 
 log = logging.getLogger(__name__)
 
-_PII = [  # order matters: the longer digit patterns before the phone pattern
-    ("EMAIL", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")),
-    ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){3,7}(?: ?[A-Z0-9]{1,4})?\b")),
-    ("CARD", re.compile(r"\b(?:\d[ -]?){13,19}\b")),
-    ("IP", re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")),
-    ("PHONE", re.compile(r"(?<!\w)\+?\d[\d\s().-]{7,}\d(?!\w)")),
-]
-
-
 def scrub(text: str) -> str:
-    """``text`` with PII replaced by ``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IP]``, ``[IBAN]``."""
-    if not isinstance(text, str):
-        return text
-    for name, pattern in _PII:
-        text = pattern.sub(f"[{name}]", text)
-    return text
+    """``text`` with e-mails, phones, cards, IPs and secrets replaced by placeholders (``[EMAIL]`` …)."""
+    from pipelines.factory.gates import scrub as factory_scrub
+
+    return factory_scrub(text)[0] if isinstance(text, str) else text
 
 
 def scrub_messages(messages: list[dict]) -> list[dict]:
