@@ -65,3 +65,163 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, cache
              runtime_env={"env_vars": {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}},
              configure_logging=True, logging_level="WARNING", log_to_driver=True)
     return ray
+
+
+# -- a local Ray head in a process group of its own --------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: bool, timeout: float = 90.0,
+                     cache_dir: str | os.PathLike | None = None):
+    """``ray start --head --block`` on 127.0.0.1 (free ports, files under ``temp_dir``, the local
+    auth settings of :func:`local_ray_env`) in a new session, so the head and every process it
+    starts share one process group that :func:`stop_process_group` can end without touching any
+    other Ray on the machine (``ray stop`` would kill them all).
+
+    Waits until the head is up (``ray start`` printed its startup message; with ``dashboard``, the
+    Jobs API answers) and returns ``(popen, gcs_address, dashboard_url or None)``. The process
+    group id is ``popen.pid``. Raises RuntimeError (with the head's log tail) when it does not start.
+    """
+    import subprocess
+    import time
+
+    temp_dir = Path(temp_dir).resolve()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **local_ray_env(cache_dir), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    gcs = f"127.0.0.1:{free_port()}"
+    args = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+            f"--port={gcs.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    dashboard_url = None
+    if dashboard:
+        dash = free_port()
+        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+        dashboard_url = f"http://127.0.0.1:{dash}"
+    else:
+        args += ["--include-dashboard=false"]
+    log_path = temp_dir / "ray-head.log"
+    with open(log_path, "ab") as log_file:
+        start = log_file.tell()
+        proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail() -> str:
+        return log_path.read_bytes()[start:].decode(errors="replace")[-3000:]
+
+    deadline = time.time() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {proc.returncode}:\n{tail()}")
+            ready = "Ray runtime started" in log_path.read_bytes()[start:].decode(errors="replace")
+            if ready and dashboard_url:
+                import httpx
+
+                try:
+                    ready = httpx.get(f"{dashboard_url}/api/version", timeout=2).status_code in (200, 401)
+                except httpx.HTTPError:
+                    ready = False
+            if ready:
+                return proc, gcs, dashboard_url
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray head was not up after {timeout:g} s:\n{tail()}")
+            time.sleep(0.3)
+    except BaseException:
+        stop_process_group(proc.pid, proc)
+        raise
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """{pid: (ppid, pgrp, state)} for every process (Linux /proc; {} elsewhere)."""
+    table = {}
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return table
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a head started by :func:`start_local_head`: its process
+    group, plus every descendant of it. Ray puts each worker (the Serve controller and proxy,
+    replicas, tasks) in a process group of its own, so the group alone is not the whole head."""
+    table = _proc_table()
+    if not table:  # no /proc: the group only
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    found = {pid for pid, (_, pgrp, _) in table.items() if pgrp == pgid}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(pid for pid in found if table[pid][2] not in ("Z", "X"))
+
+
+def stop_process_group(pgid: int, proc=None, *, grace: float = 10.0) -> bool:
+    """End a head from :func:`start_local_head`: its process group ``pgid`` and every process it
+    started (workers sit in groups of their own): SIGTERM, then SIGKILL for whatever is left after
+    ``grace`` seconds. ``proc`` (its Popen, when it is our child) is reaped. Never ``ray stop``.
+    Returns True when nothing of it is left."""
+    import signal
+    import time
+
+    seen: set[int] = set()  # kept across rounds: a worker orphaned by its raylet loses its parent link
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        seen.update(process_group_members(pgid))
+        targets = _alive(sorted(seen))
+        if not targets:
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # not ours (a reused id): leave it alone
+            return False
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            if proc is not None:
+                proc.poll()
+            if not _alive(targets) and not process_group_members(pgid):
+                break
+            time.sleep(0.2)
+        else:
+            continue
+        break
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - a child that ignores SIGKILL is not ours to fix
+            pass
+    return not process_group_members(pgid) and not _alive(sorted(seen))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    table = _proc_table()
+    return [pid for pid in pids if pid in table and table[pid][2] not in ("Z", "X")]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,24 @@ def _state_file(task: str) -> Path:
 
 
 def _base_url(spec) -> str:
+    """Where the task's app answers: the URL ``crucible serve`` recorded (it may have had --host or
+    --port), else the spec's ``deploy.host:port``."""
+    state_path = _state_file(spec.task)
+    if state_path.exists():
+        try:
+            url = json.loads(state_path.read_text()).get("url")
+        except (OSError, ValueError):
+            url = None
+        if url:
+            return url
     return f"http://{spec.deploy.host}:{spec.deploy.port}"
+
+
+def _update_state(task: str, **fields) -> None:
+    state_path = _state_file(task)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({**state, **fields}))
 
 
 def _admin(spec, method: str, path: str, body: dict | None = None) -> dict | None:
@@ -55,7 +70,10 @@ def _admin(spec, method: str, path: str, body: dict | None = None) -> dict | Non
     except httpx.HTTPError:
         return None
     r = httpx.request(method, _base_url(spec) + path, json=body, headers=admin_headers(), timeout=600)
-    payload = r.json()
+    try:
+        payload = r.json()
+    except ValueError:  # not the router answering (a proxy error page): report the status
+        payload = {"error": {"message": f"HTTP {r.status_code} from {r.url}: {r.text[:300]}"}}
     if r.status_code == 401:
         raise ValueError("the app refused the admin token: set $CRUCIBLE_ADMIN_TOKEN to the one it was started with")
     if r.status_code >= 400:
@@ -65,75 +83,108 @@ def _admin(spec, method: str, path: str, body: dict | None = None) -> dict | Non
 
 
 # -- a local Ray head of our own ------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
+def _head_alive(state: dict) -> bool:
+    from infra.ray_env import process_group_members
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return bool(state.get("pgid")) and bool(process_group_members(state["pgid"]))
 
 
-def _ensure_cluster(task: str) -> str:
-    """The Ray address to deploy on: $RAY_ADDRESS, our running head, or a new local head."""
+def _temp_dir(task: str) -> Path:
+    """Ray's session files for our head: under the cache, unless that path is too long for the
+    unix sockets Ray puts there (107 bytes, session name included); then a short /tmp folder."""
+    import tempfile
+
+    temp = _state_file(task).parent / f"ray-{task}"
+    if len(str(temp)) > 40:
+        return Path(tempfile.mkdtemp(prefix="crucible-ray-"))
+    return temp
+
+
+def _ensure_cluster(task: str, *, start: bool = True) -> str | None:
+    """The Ray address to deploy on: $RAY_ADDRESS, our running head, or (``start``) a new local
+    head, recorded with its process group in the state file; None when there is none to use."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     state_path = _state_file(task)
     if state_path.exists():
         state = json.loads(state_path.read_text())
-        try:
-            os.killpg(state["pgid"], 0)
+        if _head_alive(state) and state.get("address"):
             return state["address"]
-        except (ProcessLookupError, PermissionError):
-            state_path.unlink()
-    from infra.ray_env import local_ray_env
+        state_path.unlink()  # a head that died (or a reboot): forget it
+    if not start:
+        return None
+    from infra.ray_env import start_local_head
 
-    temp = state_path.parent / f"ray-{task}"
-    temp.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **local_ray_env(), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    args = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-            f"--num-cpus={os.cpu_count() or 2}", f"--temp-dir={temp}", "--disable-usage-stats",
-            "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
-    log = open(temp / "ray-head.log", "ab")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    state_path.write_text(json.dumps({"address": address, "pgid": proc.pid, "started": time.time()}))
-    time.sleep(3)  # ray.init(address=...) below retries until the GCS answers
+    temp = _temp_dir(task)
+    proc, address, _ = start_local_head(temp, num_cpus=os.cpu_count() or 2, dashboard=False)
+    _update_state(task, address=address, pgid=proc.pid, temp_dir=str(temp), started=time.time())
     return address
 
 
-def _connect(task: str):
+def _connect(task: str, *, start: bool = True):
     from infra.ray_env import ensure_ray
 
-    return ensure_ray(_ensure_cluster(task))
+    address = _ensure_cluster(task, start=start)
+    return ensure_ray(address) if address else None
 
 
 def _stop(spec) -> dict:
+    """Delete the task's Serve apps; then, if this command started the Ray, end its process group
+    (only that group: never `ray stop`, which would kill every Ray on the machine)."""
     state_path = _state_file(spec.task)
-    stopped_ray = False
-    if state_path.exists() or os.environ.get("RAY_ADDRESS"):
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    names: list[str] = []
+    ray = _connect(spec.task, start=False)  # never starts a head just to stop it
+    if ray is not None:
         from ray import serve
 
-        _connect(spec.task)
         names = [n for n in serve.status().applications if n == spec.task or n.startswith(spec.task + "--")]
-        for name in names:
-            serve.delete(name)
-        if state_path.exists():  # only the Ray this command started; never `ray stop`
-            import ray
+        for name in names:  # graceful (the router flushes its request log), all apps at once
+            serve.delete(name, _blocking=False)
+        deadline = time.time() + 60
+        while names and set(names) & set(serve.status().applications) and time.time() < deadline:
+            time.sleep(0.2)
+        ray.shutdown()
+    stopped_ray = False
+    if state.get("pgid") and not os.environ.get("RAY_ADDRESS"):
+        from infra.ray_env import stop_process_group
 
-            ray.shutdown()
-            pgid = json.loads(state_path.read_text())["pgid"]
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(pgid, sig)
-                    time.sleep(3)
-                except ProcessLookupError:
-                    break
-            state_path.unlink()
+        if _head_alive(state):
+            if not stop_process_group(state["pgid"]):
+                raise CheckFailed(f"the local Ray (process group {state['pgid']}) did not stop")
             stopped_ray = True
-        return {"stopped_apps": names, "stopped_ray": stopped_ray}
-    return {"stopped_apps": [], "stopped_ray": False}
+        if state.get("temp_dir", "").startswith(_own_temp_prefix()):
+            import shutil
+
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    state_path.unlink(missing_ok=True)
+    return {"stopped_apps": names, "stopped_ray": stopped_ray, "pgid": state.get("pgid")}
+
+
+def _own_temp_prefix() -> str:
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "crucible-ray-")
+
+
+def _retire(spec, result: dict) -> str | None:
+    """Delete the app of a model the router no longer routes to (after promote or rollback);
+    Serve drains it gracefully. Kept when that model still serves in another role."""
+    name = result.get("retired_app")
+    if not name:
+        return None
+    live = _admin(spec, "GET", "/admin/status") or {}
+    from serving.app import app_name
+
+    if name in {app_name(spec.task, ref) for ref in (live.get("models") or {}).values() if ref}:
+        return None
+    if _connect(spec.task, start=False) is None:
+        return None
+    from ray import serve
+
+    if name in serve.status().applications:
+        serve.delete(name)
+    return name
 
 
 # -- commands ---------------------------------------------------------------------------------------------
@@ -160,6 +211,7 @@ def register(app: typer.Typer) -> None:
         if not plan["models"]["production"]:
             raise ValueError(f"{spec.task}@production is not set: crucible deploy {spec_path} --model REF "
                              "--as production (or crucible registry alias)")
+        url = f"http://{spec.deploy.host}:{spec.deploy.port}"
         _connect(spec.task)
         from ray import serve
 
@@ -168,10 +220,11 @@ def register(app: typer.Typer) -> None:
         serve.start(http_options={"host": spec.deploy.host, "port": spec.deploy.port})
         t0 = time.perf_counter()
         deploy(spec, plan, reg.uri)
-        event = record_event(reg, spec.task, {"action": "serve", "url": _base_url(spec)}, plan)
-        result = {"url": _base_url(spec), **plan, "event": event, "seconds": round(time.perf_counter() - t0, 1)}
+        _update_state(spec.task, url=url)  # deploy/promote/rollback/status find the app here
+        event = record_event(reg, spec.task, {"action": "serve", "url": url}, plan)
+        result = {"url": url, **plan, "event": event, "seconds": round(time.perf_counter() - t0, 1)}
         emit(result, as_json, lambda: out.print(
-            f"serving {spec.task} at {_base_url(spec)}/v1  production {plan['models']['production']}"
+            f"serving {spec.task} at {url}/v1  production {plan['models']['production']}"
             + (f", canary {plan['models']['canary']} at {plan['canary_weight']:.0%}" if plan['models']['canary'] else "")
             + (f", shadow {plan['models']['shadow']}" if plan['models']['shadow'] else ""), highlight=False))
 
@@ -211,11 +264,8 @@ def register(app: typer.Typer) -> None:
         result = _admin(spec, "POST", "/admin/promote", {"force": force})
         if result is None:
             result = _offline_promote(spec, reg, force)
-        elif result.get("retired_app"):
-            from ray import serve
-
-            _connect(spec.task)
-            serve.delete(result["retired_app"])  # drained gracefully by Serve
+        else:
+            result["deleted_app"] = _retire(spec, result)
         emit(result, as_json, lambda: out.print(f"promoted {result['model']} to production", highlight=False))
 
     @app.command("rollback")
@@ -234,6 +284,8 @@ def register(app: typer.Typer) -> None:
             event = record_event(reg, spec.task, {"action": "rollback", "model": canary, "automatic": False},
                                  read_plan(reg, spec.task, 0.0))
             result = {"action": "rollback", "model": canary, "event": event, "live": False}
+        else:
+            result["deleted_app"] = _retire(spec, result)
         emit(result, as_json, lambda: out.print(f"rolled back {result['model']}", highlight=False))
 
     @app.command("status")

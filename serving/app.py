@@ -138,6 +138,47 @@ def deploy(spec, plan: dict, registry_uri: str, *, faults: dict | None = None, e
     return plan
 
 
+# -- application builders for a declarative config (KubeRay RayService serveConfigV2) ------------------
+# Serve deploys each ``applications[]`` entry of a config by calling its ``import_path`` with the
+# entry's ``args`` (a dict); one entry is one application. So the router and every model are
+# separate entries: ``build_app`` (the router, on "/") and ``build_model_app`` (one model, no route),
+# the same applications ``deploy`` starts imperatively.
+def _spec_and_registry(args: dict):
+    from infra.registry import Registry
+    from pipelines.spec import load_spec
+
+    if not args.get("spec"):
+        raise ValueError("application args need 'spec': the path of the spec YAML (relative to the working dir)")
+    spec = load_spec(args["spec"], list(args.get("set") or []))
+    reg = Registry.open(args.get("registry") or spec.registry)
+    return spec, reg
+
+
+def build_app(args: dict):
+    """The router application for a config: ``args`` = {spec, registry (default: the spec's),
+    set (spec overrides)}. The plan (production/canary/shadow, canary weight) is read from the
+    registry when the application is built; the models' own applications are separate entries
+    (``build_model_app``), named ``app_name(task, model_id)``."""
+    from serving.state import read_plan
+
+    spec, reg = _spec_and_registry(args)
+    plan = read_plan(reg, spec.task, spec.deploy.canary_weight)
+    if not plan["models"]["production"]:
+        raise ValueError(f"{spec.task}@production is not set in {reg.uri}")
+    router = Router.options(ray_actor_options=actor_options(0), max_ongoing_requests=spec.deploy.max_concurrency + 32)
+    return router.bind(spec.to_dict(), plan, reg.uri)
+
+
+def build_model_app(args: dict):
+    """One model's application for a config: ``args`` = {spec, registry, model (an id or
+    TASK@ALIAS)}. Its application name in the config must be ``app_name(task, model_id)``."""
+    spec, reg = _spec_and_registry(args)
+    if not args.get("model"):
+        raise ValueError("model application args need 'model': a model id or TASK@ALIAS")
+    ref = reg.get(str(args["model"])).id
+    return model_target(spec, ref, reg.uri).target
+
+
 # -- the router ---------------------------------------------------------------------------------------
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402

@@ -89,3 +89,65 @@ def test_terraform_registry_bucket_and_role():
     assert all(block[k] is True or block[k] == "true" for k in ("block_public_acls", "restrict_public_buckets"))
     # The instance profile name is the one the launcher config uses.
     assert re.search(r'"?crucible-ray-node"?', str(resources["aws_iam_instance_profile.ray_node"]["name"]))
+
+
+def test_kuberay_rayservice():
+    """The RayService's Serve config: every application's import path is a real callable of this
+    project taking the entry's args, the spec it names exists, and model entries are named the
+    way the router looks them up."""
+    import importlib
+    import inspect
+
+    from pipelines.spec import load_spec
+    from serving.app import app_name
+
+    doc = _load("kuberay/rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService" and doc["metadata"]["name"]
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] and head["resources"]["limits"]
+    assert 8000 in [p["containerPort"] for p in head["ports"]]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])  # a YAML document inside a string
+    assert serve_cfg["http_options"]["port"] == 8000
+    apps = serve_cfg["applications"]
+    names = [a["name"] for a in apps]
+    assert len(set(names)) == len(names)
+    routed = [a for a in apps if a.get("route_prefix")]
+    assert len(routed) == 1 and routed[0]["route_prefix"] == "/"
+    for entry in apps:
+        module_name, _, attr = entry["import_path"].partition(":")
+        assert attr, f"{entry['import_path']}: Serve needs module:attribute"
+        assert (ROOT / (module_name.replace(".", "/") + ".py")).is_file(), module_name
+        builder = getattr(importlib.import_module(module_name), attr)
+        assert callable(builder) and list(inspect.signature(builder).parameters) == ["args"], entry["import_path"]
+        spec = load_spec(ROOT / entry["args"]["spec"])  # the spec ships in the working dir
+        assert entry["args"]["registry"].startswith("s3://")
+        if entry.get("route_prefix"):  # the router: named after the task
+            assert entry["import_path"] == "serving.app:build_app" and entry["name"] == spec.task
+        else:
+            assert entry["import_path"] == "serving.app:build_model_app"
+            assert entry["name"] == app_name(spec.task, entry["args"]["model"]), entry["name"]
+
+
+def test_app_builders_build_the_router_and_a_model_from_the_registry(tmp_path, tiny_model):
+    """The builders a config imports, run for real against a file registry (nothing deployed)."""
+    from infra.registry import Registry
+    from serving.app import build_app, build_model_app
+
+    reg = Registry.open(f"file://{tmp_path / 'registry'}")
+    ref = reg.add_directory("model", "built", tiny_model).id
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"task": "built", "model": {"base": str(tiny_model)}, "registry": reg.uri}))
+    with pytest.raises(ValueError, match="production is not set"):
+        build_app({"spec": str(spec)})
+    reg.set_alias("built", "production", ref)
+    router = build_app({"spec": str(spec), "registry": reg.uri})
+    plan = router._bound_deployment.init_args[1]
+    assert plan["models"] == {"production": ref, "canary": None, "shadow": None}
+    model = build_model_app({"spec": str(spec), "model": "built@production"})
+    assert model._bound_deployment.init_args[:2] == (ref, reg.uri)
+    with pytest.raises(ValueError, match="'spec'"):
+        build_app({})
