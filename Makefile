@@ -53,6 +53,7 @@ test-fast:
 
 bench:
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.factory
 
 # The support-triage specialist end to end on SmolLM2-135M (CPU, ~20 min); see examples/support-triage.
 demo:

@@ -38,8 +38,25 @@ def base_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def build_input(path: Path, n: int, seed: int = 0) -> dict[str, dict]:
-    """Write n rows; returns {row id: {"family", "kind"}} with kind original / exact / near."""
+def true_jaccard(a: list[dict], b: list[dict], n: int = 3) -> float:
+    """Exact Jaccard of two chats' shingle sets, shingled as the factory shingles them."""
+    from pipelines.factory.gates import shingle_hashes, signature_text
+
+    sa, sb = (set(shingle_hashes(signature_text(m), n).tolist()) for m in (a, b))
+    return len(sa & sb) / len(sa | sb)
+
+
+def chat(user: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def build_input(path: Path, n: int, seed: int = 0, near_min: float = 0.85) -> dict[str, dict]:
+    """Write n rows; returns {row id: {"family", "kind"}} with kind original / exact / near.
+
+    Near copies have two words of the answer replaced; a copy is planted only when its exact
+    shingle Jaccard with the original is at least ``near_min`` (short rows are retried with
+    another family), so the ground truth is "really a near duplicate at the default threshold"
+    and recall measures the MinHash-LSH search, not how the copies were made."""
     rng = random.Random(seed)
     base = base_rows()
     vocab = sorted({w for u, a in base for w in a.split() if w.isalpha() and len(w) > 3})
@@ -48,27 +65,37 @@ def build_input(path: Path, n: int, seed: int = 0) -> dict[str, dict]:
     rows, truth = [], {}
     for k in range(n_orig):
         (u1, a1), (u2, a2) = rng.sample(base, 2)
-        user = f"{u1} {u2} ref {' '.join(rng.choices(vocab, k=4))}"
-        answer = " ".join(a1.split()[:40] + a2.split()[:40])
+        # Random words on both sides keep two originals that share a source row apart (otherwise
+        # such pairs really are near duplicates, and precision against the planted truth would
+        # count correct catches as errors).
+        user = f"{u1} {u2} ref {' '.join(rng.choices(vocab, k=8))}"
+        answer = " ".join(a1.split()[:40] + a2.split()[:40] + rng.choices(vocab, k=8))
         rows.append((f"o{k}", user, answer))
         truth[f"o{k}"] = {"family": k, "kind": "original"}
+    jaccards = []
     for c in range(n - n_orig):
-        fam = rng.randrange(n_orig)
-        _, user, answer = rows[fam]
-        if c < n_exact:  # exact after normalisation: case and whitespace only
-            user, answer, kind = "  " + user.upper(), answer.replace(" ", "  "), "exact"
-        else:  # near: two words replaced
+        while True:
+            fam = rng.randrange(n_orig)
+            _, user, answer = rows[fam]
+            if c < n_exact:  # exact after normalisation: case and whitespace only
+                user, answer, kind = "  " + user.upper(), answer.replace(" ", "  "), "exact"
+                break
             words = answer.split()
             for i in rng.sample(range(len(words)), min(2, len(words))):
                 words[i] = rng.choice(vocab)
-            answer, kind = " ".join(words), "near"
+            j = true_jaccard(chat(user, answer), chat(user, " ".join(words)))
+            if near_min <= j < 1.0:
+                answer, kind = " ".join(words), "near"
+                jaccards.append(j)
+                break
         rows.append((f"c{c}", user, answer))
         truth[f"c{c}"] = {"family": fam, "kind": kind}
     rng.shuffle(rows)
     with open(path, "w") as f:
         for rid, user, answer in rows:
-            f.write(json.dumps({"id": rid, "messages": [{"role": "user", "content": user},
-                                                        {"role": "assistant", "content": answer}]}) + "\n")
+            f.write(json.dumps({"id": rid, "messages": chat(user, answer)}) + "\n")
+    truth["_near_jaccard"] = {"min": round(min(jaccards), 3), "mean": round(sum(jaccards) / len(jaccards), 3)} \
+        if jaccards else {}
     return truth
 
 
@@ -156,6 +183,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
         data = Path(tmp) / "input.jsonl"
         truth = build_input(data, args.rows)
+        near_jaccard = truth.pop("_near_jaccard")
         spec = spec_from_dict({"task": "bench", "model": {"base": str(SHARED / "tokenizers" / "smollm2-135m-instruct"),
                                                           "max_seq_len": 1024}, "data": {"train": [str(data)]}})
         reg = Registry.open(f"file://{tmp}/registry")
@@ -174,7 +202,7 @@ def main() -> None:
               "rows": args.rows, "factory_s": round(factory_s, 1), "factory_rows_per_s": round(args.rows / factory_s),
               "single_process_s": round(base_s, 1), "single_process_rows_per_s": round(args.rows / base_s),
               "speedup_vs_single_process": round(base_s / factory_s, 2), "threshold": spec.data.dedupe.threshold,
-              **quality, "rejected": summary["rejected"], "accepted": summary["accepted"],
+              **quality, "planted_near_true_jaccard": near_jaccard, "rejected": summary["rejected"], "accepted": summary["accepted"],
               "duplicate_clusters": summary["duplicate_clusters"],
               "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "peak_ray_total_rss_mb": round(sampler.peak_mb), "baseline_check": base}

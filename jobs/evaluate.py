@@ -84,7 +84,7 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
                                               "messages rows; for tool calls the expected call(s))."),
               bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Resamples for the 95% CIs."),
               as_json: bool = JsonOpt):
-    """Score given outputs against references without a model (rows joined by [bold]id[/bold]).
+    """Score given outputs against references without a model (rows joined by `id`).
 
     Example: crucible score --contract label --labels pos,neg --predictions p.jsonl --references r.jsonl --json
     prints {"n", "metrics": {"accuracy", "macro_f1", "valid_rate"}, "ci", "labels", ...}.

@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.factory import gate_config
 from pipelines.factory.dedupe import EvalIndex, find_duplicates
-from pipelines.factory.gates import find_pii, gate_batch, minhashes, scrub, text_hash
+from pipelines.factory.gates import find_pii, gate_batch, minhashes, scrub, signatures as sign, text_hash
 from pipelines.factory.split import assign, cap_per_class
 from pipelines.spec import spec_from_dict
 
@@ -106,6 +106,48 @@ def test_exact_and_near_duplicates_join_the_first_rows_cluster():
     assert dups[2].of == 0 and dups[2].kind == "near" and dups[2].similarity >= 0.8
     assert 3 not in dups and 4 not in dups  # three words changed: well under 0.8 Jaccard on 3-word shingles
     assert find_duplicates(signatures(texts), exact=True, near=False, threshold=0.8, num_perm=128).keys() == {1}
+
+
+def test_near_duplicates_are_confirmed_by_exact_jaccard_on_either_side_of_the_threshold():
+    """With shingle sets, the threshold is a hard line on the true Jaccard, not a MinHash estimate."""
+    words = [f"w{i}" for i in range(60)]  # 58 distinct 3-word shingles
+    def variant(k):  # the last k words replaced: 58 - k shared shingles... measured below, not assumed
+        return " ".join(words[:60 - k] + [f"x{i}" for i in range(k)])
+    def exact_j(a, b):
+        from pipelines.factory.dedupe import jaccard, shingle_set
+        sa, sb = sign([a, b], 128, 3)[1]
+        return jaccard(shingle_set(sa), shingle_set(sb))
+    base = " ".join(words)
+    above = next(variant(k) for k in range(12, 0, -1) if exact_j(base, variant(k)) >= 0.8)
+    below = next(variant(k) for k in range(1, 13) if exact_j(base, variant(k)) < 0.8)
+    assert 0.8 <= exact_j(base, above) < 0.85 and 0.75 < exact_j(base, below) < 0.8
+    for other, caught in ((above, True), (below, False)):
+        sigs, sets = sign([base, other], 128, 3)
+        rows = [{"exact": text_hash(t), "minhash": m, "shingles": s} for t, m, s in zip((base, other), sigs, sets)]
+        dups = find_duplicates(rows, exact=True, near=True, threshold=0.8, num_perm=128)
+        assert (1 in dups) is caught
+        if caught:
+            assert dups[1].similarity == exact_j(base, above)
+
+
+def test_clusters_chain_through_rejected_rows_and_name_the_row_matched():
+    words = [f"w{i}" for i in range(60)]
+    base = " ".join(words)
+    head = " ".join(["a", "b", "c"] + words[3:])  # close to base, not to tail
+    tail = " ".join(words[:57] + ["x", "y", "z"])
+    sigs, sets = sign([head, base, tail], 128, 3)
+    rows = [{"exact": text_hash(t), "minhash": m, "shingles": s} for t, m, s in zip((head, base, tail), sigs, sets)]
+    dups = find_duplicates(rows, exact=True, near=True, threshold=0.8, num_perm=128)
+    assert (dups[1].of, dups[1].via) == (0, 0)
+    assert (dups[2].of, dups[2].via) == (0, 1)  # tail matched base, which is in head's cluster
+
+
+def test_lsh_bands_make_a_pair_at_the_threshold_a_candidate_almost_surely():
+    from pipelines.factory.dedupe import lsh_params
+
+    for t in (0.5, 0.7, 0.8, 0.9, 0.95):
+        bands, rows = lsh_params(t, 128)
+        assert bands * rows <= 128 and 1 - (1 - t ** rows) ** bands >= 0.99
 
 
 def test_eval_index_finds_exact_same_prompt_and_near_leaks():

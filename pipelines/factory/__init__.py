@@ -105,7 +105,7 @@ def read_and_gate(files: list[str], names: dict[str, str], spec, cfg: dict, *, a
 
 def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Each data.eval set as canonical records (with signatures); malformed eval rows are counted, not kept."""
-    from pipelines.factory.gates import minhashes, prompt_text, scrub, signature_text, text_hash
+    from pipelines.factory.gates import prompt_text, scrub, signature_text, signatures, text_hash
     from pipelines.factory.read import kind_of, read_shard
 
     sets, bad = {}, {}
@@ -121,10 +121,10 @@ def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, li
         # after PII scrubbing, so an eval row must be too, or a scrubbed copy would hide a leak.
         views = [[{**m, "content": scrub(m["content"])[0]} for m in r["messages"]] if cfg["pii"] != "keep"
                  else r["messages"] for r in records]
-        sigs = minhashes([signature_text(v) for v in views], cfg["num_perm"], cfg["shingle"])
-        for rec, view, sig in zip(records, views, sigs):
+        sigs, shingle_sets = signatures([signature_text(v) for v in views], cfg["num_perm"], cfg["shingle"])
+        for rec, view, sig, sh in zip(records, views, sigs, shingle_sets):
             rec["_sig"] = {"exact": text_hash(signature_text(view)), "prompt": text_hash(prompt_text(view)),
-                           "minhash": sig}
+                           "minhash": sig, "shingles": sh}
         sets[name] = records
     return sets, bad
 
@@ -192,8 +192,9 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         if not (d.exact if dup.kind == "exact" else d.near):
             continue
         live[i]["reason"] = f"duplicate_of:{rep['id']}"
-        live[i]["detail"] = f"{dup.kind} duplicate of {rep['source']}" + \
-                            (f" (estimated Jaccard {dup.similarity:.2f})" if dup.kind == "near" else "")
+        live[i]["detail"] = f"{dup.kind} duplicate of {live[dup.via]['source']}" + \
+                            (f" (Jaccard {dup.similarity:.2f})" if dup.kind == "near" else "") + \
+                            (f", in the cluster of {rep['source']}" if dup.via != dup.of else "")
     live = [r for r in live if not r["reason"]]
     log(f"dedupe: {len(dups)} duplicate(s) in {len(cluster_sizes)} cluster(s)")
 

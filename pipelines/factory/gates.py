@@ -147,8 +147,18 @@ def minhashes(texts: list[str], num_perm: int, n: int, chunk_shingles: int = 102
     without the slow 64-bit division of the textbook (a*h+b) mod p. Estimates were measured as
     good as datasketch's (spread ~0.04 at 128 permutations). Rows go in chunks of about
     ``chunk_shingles`` shingles (small enough to stay in cache): one matrix and a segmented min."""
-    salt, mul = _perms(num_perm)
+    return minhashes_of([shingle_hashes(t, n) for t in texts], num_perm, chunk_shingles)
+
+
+def signatures(texts: list[str], num_perm: int, n: int) -> tuple[list[bytes], list[bytes]]:
+    """(MinHash signatures, shingle sets as sorted unique uint32 bytes): LSH finds candidates by
+    the first, and a candidate is confirmed by the exact Jaccard of the second."""
     hashes = [shingle_hashes(t, n) for t in texts]
+    return minhashes_of(hashes, num_perm), [np.unique(h).astype(np.uint32).tobytes() for h in hashes]
+
+
+def minhashes_of(hashes: list[np.ndarray], num_perm: int, chunk_shingles: int = 1024) -> list[bytes]:
+    salt, mul = _perms(num_perm)
     out: list[bytes] = []
     i = 0
     while i < len(hashes):
@@ -247,7 +257,7 @@ def gate_batch(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, Any]:
     n = len(batch["order"])
     reasons, details, records = list(batch["reason"]), list(batch["detail"]), list(batch["record"])
     labels, tokens = [""] * n, [0] * n
-    exact, prompt, sig = [""] * n, [""] * n, [b""] * n
+    exact, prompt, sig, shingles = [""] * n, [""] * n, [b""] * n, [b""] * n
     alive, parsed = [], {}
     for i in range(n):
         if reasons[i]:
@@ -274,11 +284,11 @@ def gate_batch(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, Any]:
             reasons[i], details[i] = "too_long", f"{tokens[i]} tokens, over model.max_seq_len={cfg['max_tokens']}"
         else:
             keep.append(i)
-    sigs = minhashes([signature_text(parsed[i]["messages"]) for i in keep], cfg["num_perm"], cfg["shingle"])
-    for i, s in zip(keep, sigs):
+    sigs, sets = signatures([signature_text(parsed[i]["messages"]) for i in keep], cfg["num_perm"], cfg["shingle"])
+    for i, s, sh in zip(keep, sigs, sets):
         msgs = parsed[i]["messages"]
         records[i] = json.dumps(parsed[i], ensure_ascii=False)
-        exact[i], prompt[i], sig[i] = text_hash(signature_text(msgs)), text_hash(prompt_text(msgs)), s
+        exact[i], prompt[i], sig[i], shingles[i] = text_hash(signature_text(msgs)), text_hash(prompt_text(msgs)), s, sh
     return {"order": batch["order"], "source": batch["source"], "record": records, "reason": reasons,
             "detail": details, "raw": batch["raw"], "label": labels, "tokens": tokens, "exact": exact,
-            "prompt": prompt, "minhash": sig}
+            "prompt": prompt, "minhash": sig, "shingles": shingles}
