@@ -97,6 +97,12 @@ def test_eval_json_shape_and_registered_files(evaluated, project):
     for needle in ("| accuracy |", "prompted-base", "latency p95", "Worst failures", "regressions vs base"):
         assert needle in md
     assert "<table>" in reg.read_file(m.id, "report.html").decode()
+    # Side by side: the first test examples with every system's output, marked right or wrong.
+    side = md[md.index("## Side by side"):]
+    assert "| id | instruction | reference | model | base | prompted-base |" in side
+    first = next(line for line in side.splitlines() if line.startswith("| r10 |"))
+    assert first.count("✓") + first.count("✗") == 3
+    assert "loss.png" not in m.files  # an init-model model has no training run, so no loss curve
 
 
 def test_baselines_build_their_prompts(evaluated, project):

@@ -55,6 +55,9 @@ def test_loop_runs_resumes_and_stops_at_a_failed_gate(ray_local, loop_spec):
     assert reg.resolve("echo@canary") == model and first["passed"] is True
     ev = reg.get(steps["eval"]["ref"])
     assert ev.inputs["model"] == model and ev.inputs["dataset"] == steps["factory"]["ref"]
+    # The eval report carries the training run's loss curve, inlined in the HTML.
+    assert reg.read_file(ev.id, "loss.png").startswith(b"\x89PNG")
+    assert "data:image/png;base64," in reg.read_file(ev.id, "report.html").decode()
 
     # Nothing changed: every step up to eval is reused, not redone.
     code, again = run(str(spec), "--until", "eval")

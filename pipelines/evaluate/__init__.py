@@ -17,6 +17,18 @@ from typing import Any
 PRIMARY_SET_ORDER = ("test", "golden")
 
 
+def _loss_curve(registry, model_manifest) -> bytes | None:
+    """The training run's loss PNG, when the model came from a run in this registry."""
+    run_id = model_manifest.inputs.get("run") if model_manifest else None
+    if not run_id:
+        return None
+    try:
+        run_m = registry.get(run_id)
+        return registry.read_file(run_id, "loss.png") if "loss.png" in run_m.files else None
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+
+
 def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, dataset: str | None = None,
         limit: int | None = None, progress: bool = True, log=print):
     """Evaluate ``model_ref`` (and baselines) on every eval set; returns the registered ``eval`` Manifest.
@@ -77,13 +89,17 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
             bsets[set_name] = b
         results["baselines"][system.name] = {"model": system.describe, "sets": bsets}
     worst = report.worst_failures(all_rows["model"])
+    side = report.side_by_side(all_rows, primary_set)
+    loss_png = _loss_curve(registry, model_manifest)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files: dict[str, Any] = {
             "results.json": json.dumps(results, indent=2, default=str).encode(),
-            "report.md": report.to_markdown(results, worst).encode(),
-            "report.html": report.to_html(results, worst).encode(),
+            "report.md": report.to_markdown(results, worst, side=side, loss_png=loss_png).encode(),
+            "report.html": report.to_html(results, worst, side=side, loss_png=loss_png).encode(),
             "spec.json": json.dumps(spec.to_dict(), indent=2).encode()}
+        if loss_png:
+            files["loss.png"] = loss_png
         for sys_name, by_set in all_rows.items():
             for set_name, rows in by_set.items():
                 p = tmp / f"{sys_name}-{set_name}.jsonl"

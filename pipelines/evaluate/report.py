@@ -7,10 +7,12 @@ worst failures grouped by cause (the contract's reason code, or "wrong" for vali
 
 from __future__ import annotations
 
+import base64
 import html
 from typing import Any
 
 WORST_PER_CAUSE = 3
+SIDE_BY_SIDE_ROWS = 12
 
 
 def _f(x: Any) -> str:
@@ -72,6 +74,21 @@ def tables(results: dict, worst: dict[str, list[dict]]) -> list[tuple[str, list[
     return out
 
 
+def side_by_side(all_rows: dict[str, dict[str, list[dict]]], set_name: str, n: int = SIDE_BY_SIDE_ROWS):
+    """(title, header, rows): the first ``n`` examples of ``set_name`` with every system's output."""
+    systems = list(all_rows)
+    by_id = {s: {r["id"]: r for r in all_rows[s].get(set_name, [])} for s in systems}
+    rows = []
+    for r in all_rows["model"].get(set_name, [])[:n]:
+        cells = [r["id"], _clip(r["instruction"]), _clip(str(r["reference"]))]
+        for s in systems:
+            other = by_id[s].get(r["id"])
+            cells.append("" if other is None else ("✓ " if other["correct"] else "✗ ") + _clip(other["output"]))
+        rows.append(cells)
+    return (f"Side by side — first {len(rows)} examples of `{set_name}`",
+            ["id", "instruction", "reference", *systems], rows)
+
+
 def worst_failures(rows_by_set: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Up to ``WORST_PER_CAUSE`` failing rows per (set, cause), lowest token-F1 / judge score first."""
     groups: dict[str, list[dict]] = {}
@@ -99,10 +116,13 @@ def _intro(results: dict) -> list[tuple[str, str]]:
     return items
 
 
-def to_markdown(results: dict, worst: dict[str, list[dict]]) -> str:
+def to_markdown(results: dict, worst: dict[str, list[dict]], *, side: tuple | None = None,
+                loss_png: bytes | None = None) -> str:
     lines = [f"# Eval report — {results['task']}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _intro(results)] + [""]
-    for title, header, rows in tables(results, worst):
+    if loss_png:
+        lines += ["## Training loss", "", "![train and dev loss](loss.png)", ""]
+    for title, header, rows in tables(results, worst) + ([side] if side else []):
         lines += [f"## {title}", ""]
         if not rows:
             lines += ["(none)", ""]
@@ -114,7 +134,8 @@ def to_markdown(results: dict, worst: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def to_html(results: dict, worst: dict[str, list[dict]]) -> str:
+def to_html(results: dict, worst: dict[str, list[dict]], *, side: tuple | None = None,
+            loss_png: bytes | None = None) -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
              f"<title>Eval report — {e(results['task'])}</title>",
@@ -124,7 +145,10 @@ def to_html(results: dict, worst: dict[str, list[dict]]) -> str:
              f"<h1>Eval report — {e(results['task'])}</h1><ul>"]
     parts += [f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in _intro(results)]
     parts.append("</ul>")
-    for title, header, rows in tables(results, worst):
+    if loss_png:  # inlined, so the report stays one self-contained file
+        parts.append("<h2>Training loss (train and dev)</h2><img alt='loss curve' src='data:image/png;base64,"
+                     + base64.b64encode(loss_png).decode() + "'>")
+    for title, header, rows in tables(results, worst) + ([side] if side else []):
         parts.append(f"<h2>{e(title.replace('`', ''))}</h2>")
         if not rows:
             parts.append("<p>(none)</p>")
