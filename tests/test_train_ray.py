@@ -123,3 +123,18 @@ def test_resume_a_run_continues_the_step_count(ray_local, reg, dataset, tiny_mod
     assert [h["step"] for h in hist] == list(range(1, 13))
     want = [h["loss"] for h in json.loads(reg.read_file(lora_run["run"].id, "metrics.json"))["history"]]
     assert [h["loss"] for h in hist] == pytest.approx(want, rel=1e-3, abs=1e-4)
+
+
+def test_early_stop_keeps_the_best_weights_not_the_last(ray_local, reg, dataset, tiny_model):
+    """A learning rate that makes dev loss climb after the first eval: training stops after two
+    worse evals and registers the weights of the best one (their dev loss is recomputed)."""
+    from pipelines.train import run
+
+    spec = _spec(tiny_model, method="full", workers=1, max_steps=40, lr=0.05, eval_every=2, early_stopping_patience=2)
+    result = run(spec, reg, dataset)
+    summary = result["summary"]
+    assert summary["stopped_early"] and summary["steps"] < 40
+    assert summary["restored_best_step"] is not None and summary["restored_best_step"] < summary["steps"]
+    assert summary["dev_loss"] > summary["best_dev_loss"]  # the last eval was worse: restoring matters
+    assert summary["final_dev_loss"] == pytest.approx(summary["best_dev_loss"], abs=1e-4)
+    assert result["model"].metadata["dev_loss"] == pytest.approx(summary["best_dev_loss"], abs=1e-4)

@@ -117,7 +117,8 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
         "dev_loss": dev[-1]["loss"] if dev else None,
         "best_dev_loss": state.get("best_dev"),
         "steps": state["step"], "total_steps": state.get("total_steps"),
-        "stopped_early": state["stopped_early"],
+        "stopped_early": state["stopped_early"], "restored_best_step": state.get("restored_best_step"),
+        "final_dev_loss": state.get("final_dev_loss", dev[-1]["loss"] if dev else None),
         "tokens_per_s": state["real_tokens"] / max(state["train_seconds"], 1e-9),
         "real_token_share": state["real_tokens"] / max(state["total_tokens"], 1),
         "real_tokens": state["real_tokens"], "train_seconds": state["train_seconds"],
@@ -143,5 +144,5 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
                                      metadata={**facts, "method": spec.train.method, "template": summary["template"],
                                                "system_prompt": spec.model.system_prompt,
                                                "gguf_file": spec.model.gguf_file, "final_loss": summary["final_loss"],
-                                               "dev_loss": summary["dev_loss"]})
+                                               "dev_loss": summary["final_dev_loss"]})
     return {"run": run_m, "model": model_m, "summary": summary}

@@ -249,6 +249,7 @@ def train_loop(config: dict) -> None:
                f"{'deepspeed zero-' + str(zero_stage) if t.deepspeed else 'ddp' if world > 1 else 'single process'}, "
                f"packing {'on' if t.packing else 'off'}; setup {time.time() - t0:.1f}s")
     every = max(1, total_steps // 20)
+    best_weights = None
     while state["step"] < total_steps and not state["stopped_early"]:
         step = state["step"]
         epoch, k = divmod(step, steps_per_epoch)
@@ -278,7 +279,9 @@ def train_loop(config: dict) -> None:
             state["dev_history"].append({"step": step + 1, "loss": d})
             _log(rank, f"step {step + 1}: dev loss {d:.4f}")
             if state["best_dev"] is None or d < state["best_dev"] - 1e-6:
-                state["best_dev"], state["bad_evals"] = d, 0
+                state["best_dev"], state["best_step"], state["bad_evals"] = d, step + 1, 0
+                if t.early_stopping_patience and zero_stage != 3:  # what an early stop goes back to
+                    best_weights = ckpt.trainable_state(named, zero_stage)
             else:
                 state["bad_evals"] += 1
                 if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
@@ -288,7 +291,14 @@ def train_loop(config: dict) -> None:
         if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total_steps \
                 and not state["stopped_early"]:
             save_checkpoint(final=False)
-    if dev_ex and (not state["dev_history"] or state["dev_history"][-1]["step"] != state["step"]):
+    if state["stopped_early"] and best_weights is not None:
+        # Early stopping means the model of the best dev loss, not the last (worse) one. Under
+        # ZeRO-3 parameters are partitioned across ranks, so there the last weights are kept.
+        ckpt.restore_parameters(named, best_weights)
+        state["restored_best_step"] = state["best_step"]
+        state["final_dev_loss"] = dev_loss()
+        _log(rank, f"restored the weights of step {state['best_step']} (dev loss {state['final_dev_loss']:.4f})")
+    elif dev_ex and (not state["dev_history"] or state["dev_history"][-1]["step"] != state["step"]):
         state["dev_history"].append({"step": state["step"], "loss": dev_loss()})
     state["total_steps"] = total_steps
     state["data"] = data_stats
