@@ -54,6 +54,8 @@ test-fast:
 bench:
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.factory
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.serve
 
 # The support-triage specialist end to end on SmolLM2-135M (CPU, ~20 min); see examples/support-triage.
 demo:
