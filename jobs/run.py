@@ -33,7 +33,10 @@ def run_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The spec
     emit(result, as_json, lambda: out.print(
         f"loop for [bold]{spec.task}[/bold] done up to {list(result['steps'])[-1]}", highlight=False))
     if result.get("passed") is False:
-        raise CheckFailed("the release gate failed: the candidate was not deployed")
+        if as_json:  # the result (with each step and the failed gates) is the output; exit 1 says it failed
+            raise typer.Exit(1)
+        raise CheckFailed("the release gate failed: the candidate was not deployed "
+                          f"({', '.join(result['steps']['gate']['failed'] or [])})")
 
 
 def register(app: typer.Typer) -> None:

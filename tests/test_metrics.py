@@ -53,6 +53,8 @@ def test_json_parse_schema_fields_exact():
     assert m["field_recall"] == pytest.approx(3 / 8)
     assert m["field_f1"] == pytest.approx(2 * 0.6 * 0.375 / 0.975)
     assert rows[3]["reason"] == "json_parse"
+    # per top-level field: intent right in rows 0 and 1, n right only in row 0
+    assert m["intent_accuracy"] == 0.5 and m["n_accuracy"] == 0.25
 
 
 def test_tool_calls_order_insensitive_args_and_no_call():

@@ -6,7 +6,7 @@ bootstrap resample rows and recompute any metric, including non-averages such as
 
 Names: text ``exact_match``, ``normalized_match``, ``token_f1``; label ``accuracy``, ``macro_f1``;
 json ``parse_rate``, ``schema_valid_rate``, ``field_precision``, ``field_recall``, ``field_f1``,
-``exact_record_rate``; tool_call ``parse_rate``, ``tool_name_accuracy``, ``argument_accuracy``,
+``exact_record_rate`` and ``<field>_accuracy`` per top-level field of the reference; tool_call ``parse_rate``, ``tool_name_accuracy``, ``argument_accuracy``,
 ``call_accuracy``, ``no_call_accuracy``; every contract ``valid_rate`` (the contract's verdict).
 """
 
@@ -135,6 +135,9 @@ def score_example(checker: Checker, pred: str | None, ref: Any) -> dict[str, Any
         row.update(parsed=parsed_ok, tp=sum(p_leaves.get(k) == v for k, v in r_leaves.items()),
                    n_pred=len(p_leaves), n_ref=len(r_leaves),
                    exact_record=parsed_ok and _canon(value) == _canon(ref_value))
+        if isinstance(ref_value, dict):  # per top-level field, e.g. intent_accuracy for a triage record
+            got = value if parsed_ok and isinstance(value, dict) else {}
+            row["fields"] = {k: k in got and _canon(got[k]) == _canon(v) for k, v in ref_value.items()}
         row["correct"] = row["exact_record"]
     elif kind == "tool_call":
         expected = reference_calls(ref)
@@ -202,6 +205,8 @@ def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> d
         m.update(parse_rate=_mean(r["parsed"] for r in rows), schema_valid_rate=m["valid_rate"],
                  field_precision=p, field_recall=rc, field_f1=f,
                  exact_record_rate=_mean(r["exact_record"] for r in rows))
+        for key in sorted({k for r in rows for k in r.get("fields", {})}):
+            m[f"{key}_accuracy"] = _mean(r.get("fields", {}).get(key, False) for r in rows)
     elif kind == "tool_call":
         calls = [r for r in rows if r["expects_call"]]
         none = [r for r in rows if not r["expects_call"]]
