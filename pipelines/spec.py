@@ -205,6 +205,8 @@ class Train(Strict):
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (see STACK-NOTES)")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: the "
+                                           "node's cores divided by the workers on it)")
     max_steps: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
     packing: bool = False

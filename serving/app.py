@@ -210,6 +210,7 @@ class Router:
         from serving.router import Mirror
 
         self.spec = Spec.model_validate(spec)
+        self._handles: dict = {}  # model ref -> its app's handle (see _handle)
         self.cfg = self.spec.deploy
         self.task = self.spec.task
         self.registry_uri = registry_uri
@@ -227,7 +228,11 @@ class Router:
 
     # -- helpers -------------------------------------------------------------------------------
     def _handle(self, ref: str):
-        return serve.get_app_handle(app_name(self.task, ref))
+        # One handle per model app, kept: get_app_handle asks the controller (a blocking call, ~1 ms,
+        # inside the request path). A handle follows its app by name across redeploys.
+        if ref not in self._handles:
+            self._handles[ref] = serve.get_app_handle(app_name(self.task, ref))
+        return self._handles[ref]
 
     def _plan(self) -> dict:
         return {"task": self.task, "models": dict(self.models), "canary_weight": self.weight}

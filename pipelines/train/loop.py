@@ -116,6 +116,10 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = dist.is_available() and dist.is_initialized()
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    if not t.use_gpu:
+        # Ray sets OMP_NUM_THREADS from the (fractional) CPUs a worker asked for, i.e. 1: a lone
+        # worker on a 2-core laptop would train on one core. Share the node's cores instead.
+        torch.set_num_threads(t.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     registry = Registry.open(config["registry"])
     t0 = time.time()
 
