@@ -206,10 +206,9 @@ def main() -> None:
               "duplicate_clusters": summary["duplicate_clusters"],
               "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "peak_ray_total_rss_mb": round(sampler.peak_mb), "baseline_check": base}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "factory.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    from bench.run import save
+
+    save("factory", result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,25 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
+def shared_tokenizer() -> Path:
+    """../shared's GPT-2 tokenizer, which every benchmark builds its tiny model from."""
+    tokenizer = shared_tokenizer()
+    return tokenizer
+
+
+def save(name: str, result: dict, out: str | Path) -> None:
+    """Write ``OUT/<name>.json`` and print it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def engines(n: int) -> dict:
     from pipelines.engines.bench import bench
     from pipelines.modeling import init_model
 
-    tokenizer = ROOT.parent / "shared" / "tokenizers" / "gpt2"
-    if not tokenizer.exists():
-        raise SystemExit(f"{tokenizer} is missing: the benchmark builds its model from ../shared's tokenizer")
+    tokenizer = shared_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         init_model(tmp, tokenizer=tokenizer, layers=2, hidden=64, heads=4, seed=0)
         return bench(tmp, n=n, max_new_tokens=32, batch_size=32)
@@ -45,14 +57,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--n", type=int, default=200, help="prompts per system")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result = {"name": "engines", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               **engines(args.n)}
     result["wall_s"] = round(time.time() - started, 1)
-    (out / "engines.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save("engines", result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -97,9 +96,9 @@ def main() -> None:
     from pipelines.spec import spec_from_dict
     from serving.app import app_name, deploy
 
-    tokenizer = SHARED / "tokenizers" / "gpt2"
-    if not tokenizer.exists():
-        raise SystemExit(f"{tokenizer} is missing: the benchmark builds its model from ../shared's tokenizer")
+    from bench.run import shared_tokenizer
+
+    tokenizer = shared_tokenizer()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="crucible-bench-serve-") as tmp:
         uri = f"file://{tmp}/registry"
@@ -165,10 +164,9 @@ def main() -> None:
     }
     doc["goals"] = {"router_overhead_ms_p50_lt_5": doc["router_overhead_ms_p50"] < 5}
     doc["wall_s"] = round(time.time() - started, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(doc, indent=2))
-    print(json.dumps(doc, indent=2))
+    from bench.run import save
+
+    save("serve", doc, args.out)
 
 
 def measure(args, url: str, handle, spec, httpx) -> dict:

@@ -203,9 +203,9 @@ def main() -> None:
 
     from bench.run import machine
 
-    tokenizer = SHARED / "tokenizers" / "gpt2"
-    if not tokenizer.exists():
-        raise SystemExit(f"{tokenizer} is missing: the benchmark builds its model from ../shared's tokenizer")
+    from bench.run import shared_tokenizer
+
+    tokenizer = shared_tokenizer()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="crucible-bench-train-") as tmp:
         model_dir = Path(tmp) / "tiny"
@@ -270,10 +270,9 @@ def main() -> None:
         ],
     }
     result["wall_s"] = round(time.time() - started, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    from bench.run import save
+
+    save("train", result, args.out)
 
 
 if __name__ == "__main__":

@@ -96,16 +96,9 @@ def _write_safetensors(model, tokenizer, resolved, out: Path, quant: str | None,
     import torch
 
     if resolved.gguf_file:
-        # transformers refuses to save a model loaded from GGUF; copy its weights into a plain one
-        from transformers import AutoModelForCausalLM
+        from pipelines.modeling import plain_copy
 
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict(), strict=True)
-        plain.generation_config = model.generation_config
-        model = plain
+        model = plain_copy(model)
     if quant:
         model = model.to(getattr(torch, SAFETENSORS_DTYPES[quant]))
     model.save_pretrained(str(out), safe_serialization=True)  # also writes generation_config.json

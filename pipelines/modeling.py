@@ -123,6 +123,21 @@ def describe_model_folder(folder: str | Path) -> dict[str, Any]:
     }
 
 
+def plain_copy(model):
+    """The same weights in a fresh fp32 model: transformers refuses ``save_pretrained`` on a model
+    loaded from GGUF (its config carries the GGUF quantization marker)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def convert_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> dict[str, Any]:
     """Dequantise a GGUF checkpoint once into a safetensors model folder (fp32) with its tokenizer.
 
@@ -137,12 +152,7 @@ def convert_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> dict[st
         raise FileNotFoundError(f"{folder / gguf_file}: no such GGUF file")
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config = loaded.generation_config
+    model = plain_copy(loaded)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
