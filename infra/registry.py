@@ -196,7 +196,7 @@ class Registry:
         now = _now()
         for _ in range(5):
             m = Manifest(id=f"{kind}-{task}-{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}", kind=kind, task=task,
-                         created_at=now.isoformat(timespec="seconds"), files=entries, inputs=inputs,
+                         created_at=now.isoformat(timespec="microseconds"), files=entries, inputs=inputs,
                          metadata=metadata or {})
             try:
                 self.store.put(self._manifest_key(m.id), m.to_json(), if_absent=True)

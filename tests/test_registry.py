@@ -47,6 +47,12 @@ def test_create_get_list_and_read(reg):
         reg.read_file(m.id, "missing.txt")
 
 
+def test_list_is_in_creation_order_within_one_second(reg):
+    """"The newest" (the loop's reuse, the latest deployment event) must not depend on random ids."""
+    made = [reg.create("deployment", "order", metadata={"n": i}).id for i in range(12)]
+    assert [m.id for m in reg.list("deployment", "order")] == made
+
+
 def test_same_content_is_stored_once(reg):
     a, b = _dataset(reg), _dataset(reg)
     assert a.id != b.id and a.files == b.files
