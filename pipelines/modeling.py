@@ -156,5 +156,5 @@ def convert_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"path": str(out), "model_type": config.model_type, "gguf_file": gguf_file,
+    return {"path": str(out), "model_type": model.config.model_type, "gguf_file": gguf_file,
             "parameters": sum(p.numel() for p in model.parameters())}
