@@ -19,13 +19,14 @@ PRIMARY_SET_ORDER = ("test", "golden")
 
 def _loss_curve(registry, model_manifest) -> bytes | None:
     """The training run's loss PNG, when the model came from a run in this registry."""
+    from infra.registry import RefError
+
     run_id = model_manifest.inputs.get("run") if model_manifest else None
     if not run_id:
         return None
     try:
-        run_m = registry.get(run_id)
-        return registry.read_file(run_id, "loss.png") if "loss.png" in run_m.files else None
-    except (KeyError, FileNotFoundError, ValueError):
+        return registry.read_file(run_id, "loss.png")
+    except RefError:  # the run is in another registry, or has no curve
         return None
 
 
