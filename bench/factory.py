@@ -172,9 +172,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    from infra.ray_env import prepare_local_env
+    from bench.run import local_env
 
-    prepare_local_env()
+    local_env()
     from infra.ray_env import ensure_ray
     from infra.registry import Registry
     from pipelines.factory import build, gate_config, tokenizer_json

@@ -28,9 +28,20 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available(), "platform": platform.platform()}
 
 
+def local_env() -> None:
+    """Offline, quiet tokenizers, local Ray on loopback: call before anything imports ray."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from infra.ray_env import prepare_local_env
+
+    prepare_local_env()
+
+
 def shared_tokenizer() -> Path:
     """../shared's GPT-2 tokenizer, which every benchmark builds its tiny model from."""
-    tokenizer = shared_tokenizer()
+    tokenizer = ROOT.parent / "shared" / "tokenizers" / "gpt2"
+    if not tokenizer.exists():
+        raise SystemExit(f"{tokenizer} is missing: the benchmark builds its model from ../shared's tokenizer")
     return tokenizer
 
 

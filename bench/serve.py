@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -81,11 +80,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="the paths alternate in this many rounds per mode")
     ap.add_argument("--warmup", type=int, default=20, help="requests per path before measuring")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from infra.ray_env import prepare_local_env
+    from bench.run import local_env
 
-    prepare_local_env()
+    local_env()
     import httpx
     from ray import serve
 

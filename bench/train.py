@@ -192,11 +192,9 @@ def main() -> None:
     args = ap.parse_args()
     # Ray Train blocks ~2 s on each report after the first (STACK-NOTES); the tests use 0.2 s too.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from infra.ray_env import prepare_local_env
+    from bench.run import local_env
 
-    prepare_local_env()
+    local_env()
     from infra.ray_env import ensure_ray
     from infra.registry import Registry
     from pipelines.modeling import init_model
