@@ -127,11 +127,14 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
                 temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
                 seed: int = typer.Option(0, "--seed"),
                 batch_size: int = typer.Option(16, "--batch-size", min=1),
+                free: bool = typer.Option(False, "--free", help="Decode without the model's saved contract "
+                                          "(when it was trained with contract.constrained_decoding)."),
                 registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Batch inference on arbitrary rows, keeping each row's id and writing its output.
 
     A row without a system message gets the model's saved default system prompt. A final
-    assistant message in a row is treated as a reference and not sent.
+    assistant message in a row is treated as a reference and not sent. A model trained with
+    contract.constrained_decoding decodes under its saved schema or labels unless [bold]--free[/bold].
     """
     import time
 
@@ -143,13 +146,15 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
     reg = open_registry(registry)
     eng = get_engine(engine, model=model, registry=reg, batch_size=batch_size, progress=not as_json)
     start = time.perf_counter()
-    rows = predict(eng, examples, params=GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+    guide = None if free else getattr(eng, "default_guide", None)
+    rows = predict(eng, examples, params=GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                                   guide=guide),
                    system_prompt=getattr(eng, "default_system_prompt", None))
     wall = time.perf_counter() - start
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     toks = sum(r["completion_tokens"] for r in rows)
-    result = {"output": str(output), "n": len(rows), "engine": eng.name, "wall_s": wall,
+    result = {"output": str(output), "n": len(rows), "engine": eng.name, "wall_s": wall, "constrained": bool(guide),
               "tokens_per_s": toks / wall if wall else 0.0}
     emit(result, as_json, lambda: out.print(f"wrote {len(rows)} rows to {output} ({eng.name}, {wall:.1f}s, "
                                             f"{result['tokens_per_s']:.0f} tokens/s)", highlight=False))

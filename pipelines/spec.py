@@ -60,9 +60,14 @@ class Contract(Strict):
     schema_: dict[str, Any] | str | None = Field(None, alias="schema",
                                                  description="JSON Schema, inline or a path to a .json file")
     tools: list[Tool] = Field(default_factory=list)
+    constrained_decoding: bool = Field(False, description="decode under the contract (json schema or labels): "
+                                       "eval, predict and serving only produce outputs the schema allows")
 
     @model_validator(mode="after")
     def _by_type(self) -> "Contract":
+        if self.constrained_decoding and self.type not in ("json", "label"):
+            raise ValueError(f"contract.constrained_decoding: works for json and label contracts, "
+                             f"not {self.type!r}")
         if self.type == "label":
             if not self.labels:
                 raise ValueError("contract.type 'label' needs contract.labels (a non-empty list)")

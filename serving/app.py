@@ -89,7 +89,7 @@ class ModelReplica:
             for key, idx in groups.items():
                 p = json.loads(key)
                 params = GenParams(max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                                   stop=tuple(p["stop"]), seed=p["seed"])
+                                   stop=tuple(p["stop"]), seed=p["seed"], guide=p.get("guide"))
                 for i, c in zip(idx, self.engine.generate([items[i][0] for i in idx], params)):
                     out[i] = {"text": c.text, "prompt_tokens": c.prompt_tokens,
                               "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
@@ -204,6 +204,7 @@ def _status_of(exc: Exception) -> int:
 class Router:
     def __init__(self, spec: dict, plan: dict, registry_uri: str):
         from pipelines.contract import Checker
+        from pipelines.guide import guide_for
         from pipelines.spec import Spec
         from serving.policy import LiveStats
         from serving.requestlog import RequestLog
@@ -215,6 +216,7 @@ class Router:
         self.task = self.spec.task
         self.registry_uri = registry_uri
         self.checker = Checker(self.spec.contract)
+        self.default_guide = guide_for(self.spec.contract)
         self.models: dict[str, str | None] = dict(plan["models"])
         self.weight = float(plan.get("canary_weight", 0.0))
         self.stats = {role: LiveStats() for role in ("production", "canary", "shadow")}
@@ -395,10 +397,45 @@ class Router:
         if sum(len(m["content"]) for m in clean) > 8 * self.cfg.max_prompt_tokens:
             return f"the prompt is far longer than max_prompt_tokens {self.cfg.max_prompt_tokens}", [], {}
         seed = body.get("seed", 0)
+        problem, guide = self._guide(body)
+        if problem:
+            return problem, [], {}
         params = {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
                   "stop": stop, "seed": seed if isinstance(seed, int) else 0,
-                  "max_prompt_tokens": self.cfg.max_prompt_tokens}
+                  "max_prompt_tokens": self.cfg.max_prompt_tokens, "guide": guide}
         return None, clean, params
+
+    def _guide(self, body: dict) -> tuple[str | None, str | None]:
+        """Constrained decoding for this request: OpenAI's ``response_format`` (json_schema,
+        json_object, text), vLLM's ``structured_outputs`` ({"json": …} or {"choice": […]}), else the
+        contract's own guide when the spec turns ``contract.constrained_decoding`` on."""
+        from pipelines.guide import Guide
+
+        rf, so = body.get("response_format"), body.get("structured_outputs")
+        if rf is not None:
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind == "text":
+                return None, None
+            if kind == "json_object":
+                g = {"json_schema": {"type": "object"}}
+            elif kind == "json_schema" and isinstance((rf.get("json_schema") or {}).get("schema"), dict):
+                g = {"json_schema": rf["json_schema"]["schema"]}
+            else:
+                return "'response_format' must be {type: text | json_object | json_schema, json_schema: {schema}}", None
+        elif so is not None:
+            if isinstance(so, dict) and isinstance(so.get("json"), dict):
+                g = {"json_schema": so["json"]}
+            elif isinstance(so, dict) and isinstance(so.get("choice"), list) and so["choice"]:
+                g = {"choice": [str(c) for c in so["choice"]]}
+            else:
+                return "'structured_outputs' must be {json: SCHEMA} or {choice: [...]}", None
+        else:
+            return None, self.default_guide
+        try:
+            Guide.from_spec(g)
+        except (ValueError, KeyError, TypeError) as e:
+            return f"constrained decoding: {e}", None
+        return None, json.dumps(g)
 
     # -- shadow and logging ---------------------------------------------------------------------
     def _mirror(self, messages, params, primary_done: asyncio.Future) -> bool:

@@ -38,7 +38,8 @@ def test_vllm_lora_matches_hf_lora_greedy(gpt2_tokenizer, tmp_path):
     cs = chats(8)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1"}
-    proc = subprocess.run([str(VLLM_PY), "-m", "tests.vllm_parity", str(base), str(adapter), "10"],
+    guide = json.dumps({"choice": ["alpha bravo", "charlie", "delta echo fox"]})
+    proc = subprocess.run([str(VLLM_PY), "-m", "tests.vllm_parity", str(base), str(adapter), "10", guide],
                           input=json.dumps(cs), capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("PARITY-JSON ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -48,3 +49,8 @@ def test_vllm_lora_matches_hf_lora_greedy(gpt2_tokenizer, tmp_path):
     assert [h.text for h in hf] != [b.text for b in base_out], "the adapter must change the outputs"
     assert [g["text"] for g in got] == [h.text for h in hf]
     assert [g["prompt_tokens"] for g in got] == [h.prompt_tokens for h in hf]
+    # constrained decoding: vLLM's structured outputs and our HF guide pick the same greedy choices
+    guided = json.loads([l for l in proc.stdout.splitlines() if l.startswith("GUIDED-JSON ")][-1].split(" ", 1)[1])
+    hf_guided = get_engine("hf", model=str(adapter), batch_size=4).generate(cs, GenParams(max_new_tokens=10, guide=guide))
+    assert all(g in json.loads(guide)["choice"] for g in guided)
+    assert guided == [h.text for h in hf_guided]

@@ -214,6 +214,30 @@ def test_predict_keeps_ids_and_uses_saved_system_prompt(project, tmp_path):
     assert chats[0][0] == {"role": "system", "content": "SAVED-PROMPT"} and chats[2][0]["content"] == "own"
 
 
+def test_constrained_eval_and_predict(evaluated, project, tmp_path):
+    """Under contract.constrained_decoding every system answers a label; the model's own validity is
+    still reported, and equals what the free-decoding eval measured for the same greedy model."""
+    r = jline(invoke("eval", project["spec"], "--model", project["model"], "--registry", project["reg"],
+                     "--set", "contract.constrained_decoding=true", "--json"))
+    for res in [r["sets"], *(b["sets"] for b in r["baselines"].values())]:
+        for s in res.values():
+            assert s["metrics"]["valid_rate"] == 1.0
+    for name, s in r["sets"].items():
+        assert s["metrics"]["unconstrained_valid_rate"] == evaluated["sets"][name]["metrics"]["valid_rate"]
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(project["model_dir"], model)
+    (model / "crucible.json").write_text(json.dumps({"guide": json.dumps({"choice": LABELS})}))
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": f"x{i}", "prompt": f"is {i} even?"} for i in range(4)])
+    for flag, constrained in (([], True), (["--free"], False)):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        res = jline(invoke("predict", model, "--input", inp, "--output", out, "--max-new-tokens", "3", *flag, "--json"))
+        got = [json.loads(l)["output"] for l in out.read_text().splitlines()]
+        assert res["constrained"] is constrained
+        assert all(g in LABELS for g in got) is constrained, got
+
+
 def test_eval_with_http_judge(project, tmp_path, monkeypatch):
     """The judge runs through the http engine against a real local server; unparsed replies are not 0."""
     from infra.registry import Registry

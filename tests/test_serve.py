@@ -153,12 +153,38 @@ def test_bad_requests_get_4xx_with_a_message(app):
         (chat(c, max_tokens=10_000), 400, "max_tokens"),
         (chat(c, content="x" * 5000), 413, "limit"),
         (chat(c, temperature="hot"), 400, "temperature"),
+        (chat(c, response_format={"type": "json_schema"}), 400, "response_format"),
+        (chat(c, structured_outputs={"regex": "a+"}), 400, "structured_outputs"),
     ]
     for r, status, words in cases:
         assert r.status_code == status, (status, r.text)
         assert words in r.json()["error"]["message"]
         assert r.headers["x-crucible-model"] == prod
     assert chat(c).status_code == 200  # still serving
+
+
+def test_constrained_decoding_per_request(app):
+    """OpenAI's response_format and vLLM's structured_outputs reach the engine: a random tiny model
+    answers only what the schema or the choice allows."""
+    c, prod = app["client"], app["refs"]["production"]
+    schema = {"enum": ["yes", "no", "not sure"]}
+    for i in range(3):
+        r = chat(c, user=f"json-{i}", model=prod, content=f"pick {i}", max_tokens=32,
+                 response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["choices"][0]["message"]["content"]) in schema["enum"]
+        r = chat(c, user=f"choice-{i}", model=prod, content=f"pick {i}", max_tokens=8,
+                 structured_outputs={"choice": ["red", "green"]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in ("red", "green"), r.text
+    free = [chat(c, model=prod, content=f"pick {i}", max_tokens=8).json()["choices"][0]["message"]["content"]
+            for i in range(3)]
+    assert not any(f in ("red", "green") for f in free)  # the constraint, not the model, made the answers
+    from pipelines.engines import GenParams, get_engine
+
+    http = get_engine("http", model=prod, url=app["url"])  # the http engine sends the guide as response_format
+    outs = http.generate([[{"role": "user", "content": "q"}]] * 2,
+                         GenParams(max_new_tokens=32, guide=json.dumps({"json_schema": schema})))
+    assert all(json.loads(o.text) in schema["enum"] for o in outs)
 
 
 def test_shadow_never_delays_or_changes_answers(app):

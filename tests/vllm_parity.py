@@ -1,7 +1,7 @@
 """Run our vLLM engine on a model (+ optional LoRA adapter) and print greedy outputs as JSON.
 
 Run with the vLLM venv's python (vLLM pins transformers/numpy versions that differ from the main
-venv, so it lives in .venv-vllm): ``python -m tests.vllm_parity MODEL [ADAPTER] < chats.json``.
+venv, so it lives in .venv-vllm): ``python -m tests.vllm_parity MODEL [ADAPTER|-] [MAX_NEW] [GUIDE] < chats.json``.
 vLLM starts its engine core with spawn, hence the ``__main__`` guard.
 """
 
@@ -23,6 +23,9 @@ def main() -> None:
     outs = engine.generate(chats, GenParams(max_new_tokens=max_new))
     print("PARITY-JSON " + json.dumps([{"text": o.text, "completion_tokens": o.completion_tokens,
                                         "prompt_tokens": o.prompt_tokens} for o in outs]))
+    if len(sys.argv) > 4:  # a guide (GenParams.guide JSON): the same chats under constrained decoding
+        outs = engine.generate(chats, GenParams(max_new_tokens=max_new, guide=sys.argv[4]))
+        print("GUIDED-JSON " + json.dumps([o.text for o in outs]))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # constrained decoding: JSON text {"json_schema": {...}} or {"choice": [...]} (see pipelines.guide);
+    # the HF engine enforces it token by token, vLLM with its structured outputs, http as response_format
+    guide: str | None = None
 
 
 @dataclass
@@ -75,7 +78,7 @@ def get_engine(name: str = "auto", model: str | None = None, url: str | None = N
       API key read from the env var named by ``api_key_env``; ``concurrency`` parallel requests.
 
     Every engine has ``generate(chats, GenParams) -> list[Completion]`` (same order as ``chats``)
-    and ``default_system_prompt`` (the model's saved one, or None).
+    and ``default_system_prompt`` / ``default_guide`` (the model's saved prompt and decoding guide, or None).
     """
     name = pick_engine(name)
     if name == "http":

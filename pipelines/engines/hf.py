@@ -23,11 +23,14 @@ class HFEngine:
         self.resolved = resolved
         self.progress = progress
         self.default_system_prompt = getattr(resolved, "system_prompt", None)
+        self.default_guide = getattr(resolved, "guide", None)  # the contract it was trained for, if constrained
         eos = tokenizer.eos_token_id
         self._eos_ids = {eos} if eos is not None else set()
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             self._eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self._token_texts = None
+        self._guides: dict[str, object] = {}
 
     @classmethod
     def load(cls, model: str, registry=None, *, adapter: str | None = None, batch_size: int = 16,
@@ -77,14 +80,32 @@ class HFEngine:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width)
+        guided = self._guided_logits(params, width) if params.guide else None
+        if guided is not None:
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList([guided])
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
         elapsed = time.perf_counter() - start
         completions = []
-        for row, prompt in zip(out[:, width:].tolist(), batch_ids):
+        for r, (row, prompt) in enumerate(zip(out[:, width:].tolist(), batch_ids)):
             completions.append(self._finish(row, len(prompt), params, elapsed, len(batch_ids)))
+            if guided is not None:
+                completions[-1].extra["guide_interventions"] = guided.interventions[r] if guided.interventions else 0
         return completions
+
+    def _guided_logits(self, params: GenParams, width: int):
+        from pipelines.engines.constrain import GuidedLogits, TokenGuide, TokenTexts
+        from pipelines.guide import Guide
+
+        if params.guide not in self._guides:
+            if self._token_texts is None:  # ~1 s for a 50k vocabulary, once per engine
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                self._token_texts = TokenTexts(self.tokenizer, vocab)
+            self._guides[params.guide] = TokenGuide(Guide.from_spec(params.guide), self._token_texts)
+        return GuidedLogits(self._guides[params.guide], width, self._eos_ids, sample=params.temperature > 0)
 
     def _finish(self, row: list[int], n_prompt: int, params: GenParams, elapsed: float, batch: int) -> Completion:
         n, reason = len(row), "length"

@@ -8,6 +8,8 @@ other 4xx are the caller's mistake and fail at once with the server's message.
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import time
@@ -48,6 +50,7 @@ class HTTPEngine:
         self.retries = retries
         self.backoff_s = backoff_s
         self.default_system_prompt = None
+        self.default_guide = None
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -73,6 +76,13 @@ class HTTPEngine:
                 "seed": params.seed + index}
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.guide:  # OpenAI's json_schema response format; a choice as vLLM's structured outputs
+            g = json.loads(params.guide)
+            if "json_schema" in g:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": "contract", "schema": g["json_schema"]}}
+            else:
+                body["structured_outputs"] = {"choice": g["choice"]}
         return body
 
     def _one(self, chat: Chat, params: GenParams, index: int) -> Completion:

@@ -25,6 +25,7 @@ class ResolvedModel:
     adapter: bool = False
     ref: str | None = None  # the registry id, when it came from the registry
     system_prompt: str | None = None  # the model's saved default system prompt, if any
+    guide: str | None = None  # the contract it was trained for, when its spec constrains decoding
     gguf_file: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -49,18 +50,18 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
 
 
-def _saved_system_prompt(folder: Path, manifest=None) -> str | None:
-    """The default system prompt saved with a model: ``crucible.json`` in the folder, or the
-    manifest's metadata/inputs (``system_prompt``), in that order."""
+def _saved(folder: Path, key: str, manifest=None) -> str | None:
+    """A default saved with a model (``system_prompt``, ``guide``): ``crucible.json`` in the folder,
+    or the manifest's metadata/inputs, in that order."""
     meta = folder / "crucible.json"
     if meta.exists():
-        value = json.loads(meta.read_text()).get("system_prompt")
+        value = json.loads(meta.read_text()).get(key)
         if value:
             return value
     if manifest is not None:
         for section in (manifest.metadata, manifest.inputs):
-            if section.get("system_prompt"):
-                return section["system_prompt"]
+            if section.get(key):
+                return section[key]
     return None
 
 
@@ -107,7 +108,8 @@ def resolve_model(ref: str | os.PathLike, registry=None, *, gguf_file: str | Non
         if bad:
             raise ValueError(f"{folder}: pickle-format weights {', '.join(sorted(bad))}; only safetensors are loaded")
     return ResolvedModel(path=folder, base_path=base, adapter=adapter, ref=manifest.id if manifest else None,
-                         system_prompt=_saved_system_prompt(folder, manifest), gguf_file=gguf_file)
+                         system_prompt=_saved(folder, "system_prompt", manifest), guide=_saved(folder, "guide"),
+                         gguf_file=gguf_file)
 
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

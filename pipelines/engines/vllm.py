@@ -37,6 +37,7 @@ class VLLMEngine:
         resolved = resolve_model(adapter or model, registry)
         self.resolved = resolved
         self.default_system_prompt = resolved.system_prompt
+        self.default_guide = resolved.guide
         base = resolved.base_path if resolved.adapter else str(resolved.path)
         self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
         self._lora = None
@@ -66,7 +67,8 @@ class VLLMEngine:
                    for c in chats]
         sp = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                             top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed,
-                            stop=list(params.stop) or None, skip_special_tokens=True)
+                            stop=list(params.stop) or None, skip_special_tokens=True,
+                            structured_outputs=_structured(params.guide))
         start = time.perf_counter()
         outs = self.llm.generate(prompts, sp, lora_request=self._lora, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -78,3 +80,15 @@ class VLLMEngine:
                                       finish_reason="length" if c.finish_reason == "length" else "stop",
                                       latency_s=elapsed, extra={"batch_size": len(chats)}))
         return results
+
+
+def _structured(guide: str | None):
+    """``GenParams.guide`` as vLLM's structured outputs (its own grammar backend enforces it)."""
+    if not guide:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    g = json.loads(guide)
+    return StructuredOutputsParams(json=g["json_schema"]) if "json_schema" in g else StructuredOutputsParams(choice=g["choice"])

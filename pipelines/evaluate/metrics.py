@@ -7,7 +7,9 @@ bootstrap resample rows and recompute any metric, including non-averages such as
 Names: text ``exact_match``, ``normalized_match``, ``token_f1``; label ``accuracy``, ``macro_f1``;
 json ``parse_rate``, ``schema_valid_rate``, ``field_precision``, ``field_recall``, ``field_f1``,
 ``exact_record_rate`` and ``<field>_accuracy`` per top-level field of the reference; tool_call ``parse_rate``, ``tool_name_accuracy``, ``argument_accuracy``,
-``call_accuracy``, ``no_call_accuracy``; every contract ``valid_rate`` (the contract's verdict).
+``call_accuracy``, ``no_call_accuracy``; every contract ``valid_rate`` (the contract's verdict), and under
+constrained greedy decoding ``unconstrained_valid_rate``: rows valid without the constraint ever
+overriding the model's choice, i.e. the validity the same model has decoding freely.
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> d
                  call_accuracy=_mean(r["call_ok"] for r in rows))
         if none:
             m["no_call_accuracy"] = _mean(r["call_ok"] for r in none)
+    if all("guide_interventions" in r for r in rows):  # constrained greedy decoding (see engines.constrain)
+        m["unconstrained_valid_rate"] = _mean(r["valid"] and not r["guide_interventions"] for r in rows)
     if any("judge" in r for r in rows):
         scores = [r["judge"] for r in rows if r.get("judge") is not None]
         m["judge_parse_rate"] = len(scores) / len(rows)

@@ -43,6 +43,9 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
                                "completion_tokens": out.completion_tokens, "finish_reason": out.finish_reason,
                                "latency_s": round(out.latency_s, 6)}
         row.update(M.score_example(checker, out.text, ex.reference))
+        if "guide_interventions" in out.extra and params.temperature == 0:
+            # greedy: no intervention means the unconstrained output is this very output
+            row["guide_interventions"] = out.extra["guide_interventions"]
         rows.append(row)
     if judge_engine is not None:
         from pipelines.evaluate.judge import judge

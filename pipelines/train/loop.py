@@ -316,8 +316,11 @@ def _peak_rss_mb() -> float:
 
 def save_model_folder(model, tokenizer, spec, facts: dict, out: Path) -> None:
     """The registered model: adapter (LoRA) or weights (full), tokenizer with the training
-    template unchanged, generation config, and crucible.json (system prompt, base, template)."""
+    template unchanged, generation config, and crucible.json (system prompt, base, template, and the
+    contract's decoding guide when the spec constrains decoding)."""
     import json
+
+    from pipelines.guide import guide_for
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -327,4 +330,5 @@ def save_model_folder(model, tokenizer, spec, facts: dict, out: Path) -> None:
         gen.save_pretrained(str(out))
     (out / "crucible.json").write_text(json.dumps({
         "system_prompt": spec.model.system_prompt, "base_model": spec.model.base, "gguf_file": facts["gguf_file"],
-        "template": facts["template"], "method": spec.train.method, "max_seq_len": spec.model.max_seq_len}, indent=1))
+        "template": facts["template"], "method": spec.train.method, "max_seq_len": spec.model.max_seq_len,
+        "guide": guide_for(spec.contract)}, indent=1))
