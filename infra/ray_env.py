@@ -32,6 +32,10 @@ def local_ray_env(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
         "RAY_AUTH_TOKEN_PATH": os.environ.get("RAY_AUTH_TOKEN_PATH", str(token_path)),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
+        # Local mode runs without the dashboard, so Ray Train's placement-group cleaner cannot reach
+        # the state API and warns about it every second of a run; the driver skips that one line.
+        "RAY_DEDUP_LOGS_SKIP_REGEX": os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX",
+                                                    "Failed to query Ray Train Controller actor state"),
     }
 
 

@@ -33,7 +33,7 @@ def export(ref: str, out: str | Path, *, fmt: str, quant: str | None = None, reg
 
     ``gguf``: ``out/<name>.gguf`` (quant f16 by default, f32 or q8_0) and ``out/Modelfile``.
     ``safetensors``: a transformers folder (weights in the source dtype by default, or f32/f16/bf16),
-    tokenizer with its chat template, generation config and ``crucible.json`` (system prompt).
+    tokenizer with its chat template, generation config and ``crucible.json`` (system prompt, decoding guide).
     """
     from pipelines.engines.loading import load_for_inference, resolve_model
 
@@ -104,8 +104,8 @@ def _write_safetensors(model, tokenizer, resolved, out: Path, quant: str | None,
     model.save_pretrained(str(out), safe_serialization=True)  # also writes generation_config.json
     tokenizer.save_pretrained(str(out))  # with the chat template (chat_template.jinja)
     (out / "crucible.json").write_text(json.dumps({
-        "system_prompt": resolved.system_prompt, "exported_from": ref, "registry_id": resolved.ref,
-        "adapter_merged": resolved.adapter, "base_model": resolved.base_path}, indent=1))
+        "system_prompt": resolved.system_prompt, "guide": resolved.guide, "exported_from": ref,
+        "registry_id": resolved.ref, "adapter_merged": resolved.adapter, "base_model": resolved.base_path}, indent=1))
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "size": size,
             "files": sorted(p.name for p in out.iterdir())}

@@ -13,12 +13,15 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
 import uuid
 
 from ray import serve
+
+from pipelines.templates import with_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,20 @@ class ModelReplica:
     replica fail or stall so the router's isolation and rollback can be tested over real HTTP.
     """
 
-    def __init__(self, ref: str, registry_uri: str, engine: str = "auto", faults: dict | None = None):
+    def __init__(self, ref: str, registry_uri: str, engine: str = "auto", faults: dict | None = None,
+                 threads: int | None = None):
+        import torch
+
         from infra.registry import Registry
         from pipelines.engines import get_engine
 
+        if not torch.cuda.is_available():  # Ray pins OMP threads to the fractional CPU request, i.e. 1
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         reg = Registry.open(registry_uri)
         self.ref = reg.get(ref).id
         self.engine = get_engine(engine, model=self.ref, registry=reg)
         self.tokenizer = getattr(self.engine, "tokenizer", None)
+        self.system_prompt = getattr(self.engine, "default_system_prompt", None)
         self.faults = faults or {}
         self.lock = threading.Lock()
 
@@ -68,7 +77,8 @@ class ModelReplica:
             raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
         limit = params.pop("max_prompt_tokens", None)
         if limit and self.tokenizer is not None:
-            n = len(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+            n = len(self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
+                                                       tokenize=True, add_generation_prompt=True))
             if n > limit:
                 return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400}
         return await self._batched((messages, params))
@@ -90,7 +100,9 @@ class ModelReplica:
                 p = json.loads(key)
                 params = GenParams(max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                                    stop=tuple(p["stop"]), seed=p["seed"], guide=p.get("guide"))
-                for i, c in zip(idx, self.engine.generate([items[i][0] for i in idx], params)):
+                # a request without a system message gets the model's saved one, as in eval and predict
+                chats = [with_system_prompt(items[i][0], self.system_prompt) for i in idx]
+                for i, c in zip(idx, self.engine.generate(chats, params)):
                     out[i] = {"text": c.text, "prompt_tokens": c.prompt_tokens,
                               "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
                               "model": self.ref}
@@ -106,7 +118,8 @@ def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
 
     d = spec.deploy
     app = ModelReplica.options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
-                               max_queued_requests=4 * d.max_concurrency).bind(ref, registry_uri, d.engine, faults)
+                               max_queued_requests=4 * d.max_concurrency).bind(ref, registry_uri, d.engine, faults,
+                                                                               d.threads_per_replica)
     return RunTarget(app, name=app_name(spec.task, ref), route_prefix=None)
 
 

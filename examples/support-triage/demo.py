@@ -54,21 +54,26 @@ def overrides() -> list[str]:
     return [a for o in DEMO for a in ("--set", o)]
 
 
-def send_traffic(url: str, rows: list[dict], token: str) -> dict:
+def send_traffic(url: str, rows: list[dict], concurrency: int = 8) -> dict:
+    """The golden set's messages as chat requests, ``concurrency`` at a time (the replicas batch them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
+    def one(client: httpx.Client, i: int, row: dict) -> tuple[str, bool]:
+        user_msg = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        r = client.post("/v1/chat/completions", json={
+            "model": TASK, "user": f"demo-user-{i}", "max_tokens": 48, "temperature": 0,
+            "messages": [{"role": "user", "content": user_msg}]})
+        r.raise_for_status()
+        return r.headers["x-crucible-model"], bool(r.json().get("crucible", {}).get("valid"))
+
+    with httpx.Client(base_url=url, timeout=300) as client, ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(lambda ir: one(client, *ir), enumerate(rows)))
     by_model: dict[str, int] = {}
-    valid = 0
-    with httpx.Client(base_url=url, timeout=120) as client:
-        for i, row in enumerate(rows):
-            user_msg = next(m["content"] for m in row["messages"] if m["role"] == "user")
-            r = client.post("/v1/chat/completions", json={
-                "model": TASK, "user": f"demo-user-{i}", "max_tokens": 48, "temperature": 0,
-                "messages": [{"role": "user", "content": user_msg}]})
-            r.raise_for_status()
-            by_model[r.headers["x-crucible-model"]] = by_model.get(r.headers["x-crucible-model"], 0) + 1
-            valid += bool(r.json().get("crucible", {}).get("valid"))
-    return {"requests": len(rows), "by_model": by_model, "valid": valid}
+    for model, _ in answers:
+        by_model[model] = by_model.get(model, 0) + 1
+    return {"requests": len(rows), "by_model": by_model, "valid": sum(v for _, v in answers)}
 
 
 def print_figures(reg, eval_id: str) -> None:
@@ -132,7 +137,8 @@ def main() -> None:
         sh("deploy", str(SPEC), "--model", model, "--as", "canary", "--weight", "0.5", *overrides())
         rows = [json.loads(l) for l in (HERE / "data" / "golden.jsonl").read_text().splitlines()][: args.traffic]
         print(f"\n== 5. traffic: {len(rows)} requests from the golden set to {url}")
-        print("  " + json.dumps(send_traffic(url, rows, os.environ["CRUCIBLE_ADMIN_TOKEN"])))
+        started_traffic = time.time()
+        print("  " + json.dumps(send_traffic(url, rows)) + f"  ({time.time() - started_traffic:.0f}s)")
         sh("status", str(SPEC), *overrides())
         print("\n== 6. promote: the gate passed and the live numbers hold")
         sh("promote", str(SPEC), *overrides())

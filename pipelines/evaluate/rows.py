@@ -90,13 +90,6 @@ def read_examples(path: str | Path, *, need_reference: bool = True) -> list[Exam
     return [to_example(r, n, need_reference=need_reference) for n, r in enumerate(read_records(path), 1)]
 
 
-def with_system(chat: list[dict], system: str | None) -> list[dict]:
-    """The chat with ``system`` as its system message when it has none."""
-    if not system or any(m.get("role") == "system" for m in chat):
-        return chat
-    return [{"role": "system", "content": system}] + chat
-
-
 def without_system(chat: list[dict]) -> list[dict]:
     return [m for m in chat if m.get("role") != "system"]
 

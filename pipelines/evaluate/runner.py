@@ -7,7 +7,8 @@ from typing import Any
 
 from pipelines.engines import GenParams
 from pipelines.evaluate import metrics as M
-from pipelines.evaluate.rows import Example, reference_text, with_system, without_system
+from pipelines.evaluate.rows import Example, reference_text, without_system
+from pipelines.templates import with_system_prompt
 
 PERF_LOWER_IS_BETTER = ("latency_p50_s", "latency_p95_s")
 
@@ -26,7 +27,7 @@ def build_chats(examples: list[Example], *, system: str | None = None, strip_sys
         if shots:
             sys_msgs = [m for m in chat if m.get("role") == "system"]
             chat = sys_msgs + shots + [m for m in chat if m.get("role") != "system"]
-        chats.append(with_system(chat, system))
+        chats.append(with_system_prompt(chat, system))
     return chats
 
 
