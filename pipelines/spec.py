@@ -298,8 +298,8 @@ class Deploy(Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     engine: Literal["auto", "hf", "vllm"] = Field("auto", description="engine inside each model replica")
     threads_per_replica: int | None = Field(None, ge=1, description="torch threads of a CPU model replica "
-                                            "(default: the node's cores; Ray alone would give a fractional "
-                                            "CPU request one thread)")
+                                            "(default: Ray's, one per whole CPU requested, at least 1); keep "
+                                            "the sum over a node's replicas at or under its cores")
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for (else 400)")
     max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts (estimated from characters) get 400")
     rollback_min_requests: int = Field(20, ge=1, description="live canary requests before a breach can "

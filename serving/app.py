@@ -60,8 +60,10 @@ class ModelReplica:
         from infra.registry import Registry
         from pipelines.engines import get_engine
 
-        if not torch.cuda.is_available():  # Ray pins OMP threads to the fractional CPU request, i.e. 1
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+        if threads and not torch.cuda.is_available():
+            # Ray gives a replica one thread per whole CPU it asked for (at least 1). More threads than
+            # cores across the node's replicas makes every one of them crawl, so only on request.
+            torch.set_num_threads(threads)
         reg = Registry.open(registry_uri)
         self.ref = reg.get(ref).id
         self.engine = get_engine(engine, model=self.ref, registry=reg)

@@ -91,7 +91,7 @@ def print_figures(reg, eval_id: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--traffic", type=int, default=120, help="sample requests sent to the served app")
+    ap.add_argument("--traffic", type=int, default=100, help="sample requests sent to the served app")
     args = ap.parse_args()
     os.environ.setdefault("CRUCIBLE_ADMIN_TOKEN", secrets.token_hex(16))
     started = time.time()
