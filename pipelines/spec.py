@@ -301,7 +301,8 @@ class Deploy(Strict):
                                             "(default: Ray's, one per whole CPU requested, at least 1); keep "
                                             "the sum over a node's replicas at or under its cores")
     max_new_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for (else 400)")
-    max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts (estimated from characters) get 400")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longer prompts get 400 (counted in the model's "
+                                   "tokens, its saved system prompt included)")
     rollback_min_requests: int = Field(20, ge=1, description="live canary requests before a breach can "
                                                                "roll it back")
     request_timeout_s: float = Field(60.0, gt=0, description="a replica slower than this answers 504")

@@ -79,8 +79,9 @@ class ModelReplica:
             raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
         limit = params.pop("max_prompt_tokens", None)
         if limit and self.tokenizer is not None:
-            n = len(self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
-                                                       tokenize=True, add_generation_prompt=True))
+            text = self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
+                                                      tokenize=False, add_generation_prompt=True)
+            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if n > limit:
                 return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400}
         return await self._batched((messages, params))

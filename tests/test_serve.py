@@ -16,6 +16,7 @@ import pytest
 
 TOKEN = "test-admin-token-6"
 TASK = "serve6"
+SAVED_SYSTEM = "You sort support tickets into queues."
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +37,15 @@ def app(ray_local, tmp_path_factory, gpt2_tokenizer):
     refs = {}
     for name, seed in (("production", 1), ("canary", 2), ("shadow", 3), ("broken", 4)):
         init_model(root / name, tokenizer=gpt2_tokenizer, layers=1, hidden=32, heads=2, seed=seed)
+        if name == "production":  # a saved default system prompt, as a trained model has
+            (root / name / "crucible.json").write_text(json.dumps({"system_prompt": SAVED_SYSTEM}))
         refs[name] = reg.add_directory("model", TASK, root / name).id
     for role in ("production", "canary", "shadow"):
         reg.set_alias(TASK, role, refs[role])
     spec = spec_from_dict({"task": TASK, "model": {"base": str(root / "production")}, "registry": uri,
                            "deploy": {"num_cpus": 0.25, "canary_weight": 0.1, "max_concurrency": 16,
                                       "rollback_min_requests": 10, "min_requests": 10, "max_new_tokens": 64,
-                                      "max_body_bytes": 4096, "log_flush_rows": 1000, "shadow_timeout_s": 10,
+                                      "max_body_bytes": 4096, "max_prompt_tokens": 60, "log_flush_rows": 1000, "shadow_timeout_s": 10,
                                       "max_p95_ratio": 5.0}})  # CPU noise on 2 cores: judge errors, not jitter
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -99,6 +102,29 @@ def test_chat_completion_shape_and_pinning(app):
     pinned = c.post("/v1/chat/completions", json={"model": refs["canary"], "max_tokens": 2,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert pinned.status_code == 200 and pinned.headers["x-crucible-model"] == refs["canary"]
+
+
+def test_saved_system_prompt_and_prompt_token_limit(app):
+    """A request without a system message is answered with the model's saved one (as eval and
+    predict do), and the prompt limit counts real tokens of the rendered prompt."""
+    from pipelines.modeling import load_tokenizer
+
+    c, prod = app["client"], app["refs"]["production"]
+    tok = load_tokenizer(app["reg"].materialize(prod))
+
+    def n_tokens(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    user = [{"role": "user", "content": "where is my parcel"}]
+    own = [{"role": "system", "content": "Be brief."}] + user
+    for messages, expected in ((user, [{"role": "system", "content": SAVED_SYSTEM}] + user), (own, own)):
+        r = c.post("/v1/chat/completions", json={"model": prod, "max_tokens": 2, "messages": messages})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == n_tokens(expected)
+    long = [{"role": "user", "content": "parcel " * 40}]  # under the byte limit, over 60 tokens
+    r = c.post("/v1/chat/completions", json={"model": prod, "max_tokens": 2, "messages": long})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.slow
