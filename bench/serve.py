@@ -153,8 +153,8 @@ def main() -> None:
             "concurrency the model batches up to 8 requests per generate on every path alike.",
             "The router logs every request (deploy.log_requests, the default) and writes the log to the registry "
             "every log_flush_rows rows off the event loop: part of its real cost here.",
-            "driver_get_app_handle_ms: the cost of serve.get_app_handle from the driver, which the router calls "
-            "once per request (serving/app.py Router._handle).",
+            "driver_get_app_handle_ms: the cost of serve.get_app_handle from the driver; the router pays it "
+            "once per model app, not per request (serving/app.py Router._handle keeps the handle).",
             "2 CPU cores shared by the client, the HTTP proxy, the router, the replica and Ray's own processes: "
             "figures are for this machine only.",
         ],
