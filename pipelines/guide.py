@@ -264,21 +264,19 @@ def _step_array(top: tuple, rest: tuple, c: str) -> list[tuple]:
 class Guide:
     """The automaton for one contract. States are hashable tuples; ``start`` is the empty text."""
 
-    def __init__(self, root: Node):
-        self.start: tuple = ((("V", root, 0),),)
+    def __init__(self, start: tuple):
+        self.start = start
 
     @classmethod
     def json_schema(cls, schema: dict) -> "Guide":
-        return cls(_Compiler(schema).node(schema))
+        return cls(((("V", _Compiler(schema).node(schema), 0),),))
 
     @classmethod
     def choice(cls, options: list[str]) -> "Guide":
         """Exactly one of ``options``, as raw text (a label contract)."""
         if not options:
             raise ValueError("a choice guide needs at least one option")
-        g = cls(Node([]))
-        g.start = tuple((("L", o, 0),) for o in dict.fromkeys(options) if o)
-        return g
+        return cls(tuple((("L", o, 0),) for o in dict.fromkeys(options) if o))
 
     @classmethod
     def from_spec(cls, guide: str | dict) -> "Guide":

@@ -87,24 +87,19 @@ class TokenGuide:
 class GuidedLogits:
     """A transformers ``LogitsProcessor``: keeps each row's automaton state and masks its scores."""
 
-    def __init__(self, token_guide: TokenGuide, prompt_width: int, eos_ids: set[int], sample: bool):
+    def __init__(self, token_guide: TokenGuide, batch: int, prompt_width: int, eos_ids: set[int], sample: bool):
         self.tg = token_guide
         self.width = prompt_width
         self.eos = sorted(eos_ids)
         self.sample = sample
-        self.states: list[tuple | None] = []
-        self.finished: list[bool] = []
-        self.interventions: list[int] = []
+        self.states: list[tuple | None] = [token_guide.guide.start] * batch
+        self.finished = [False] * batch
+        self.interventions = [0] * batch
 
     def __call__(self, input_ids, scores):
         import torch
 
-        batch = input_ids.shape[0]
-        if not self.states:
-            self.states = [self.tg.guide.start] * batch
-            self.finished = [False] * batch
-            self.interventions = [0] * batch
-        elif input_ids.shape[1] > self.width:  # fold in the token chosen at the previous step
+        if input_ids.shape[1] > self.width:  # fold in the token chosen at the previous step
             for r, tok in enumerate(input_ids[:, -1].tolist()):
                 if self.finished[r]:
                     continue
@@ -113,7 +108,7 @@ class GuidedLogits:
                 elif self.states[r] is not None:
                     self.states[r] = self.tg.next_state(self.states[r], tok)
         out = torch.full_like(scores, float("-inf"))
-        for r in range(batch):
+        for r in range(len(self.states)):
             keep = self._allowed(r, scores[r])
             out[r, keep] = scores[r, keep]
         return out
@@ -125,8 +120,9 @@ class GuidedLogits:
         if self.finished[r] or state is None:
             return self.eos or [best]
         if Guide.closed(state):  # complete: only the end may follow
-            if best not in self.eos and (self.tg.texts.texts[best] or "x").strip():
-                self.interventions[r] += 1  # (trailing blank space would not have made it invalid)
+            text = self.tg.texts.texts[best]
+            if best not in self.eos and not (text and text.isspace()):  # trailing blank space stays valid
+                self.interventions[r] += 1
             return self.eos or [best]
         mask = self.tg.valid_mask(state)[: row_scores.shape[0]].clone()
         if Guide.done(state):  # a complete output may also end here

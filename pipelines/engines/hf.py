@@ -80,7 +80,7 @@ class HFEngine:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width)
-        guided = self._guided_logits(params, width) if params.guide else None
+        guided = self._guided_logits(params, len(batch_ids), width) if params.guide else None
         if guided is not None:
             from transformers import LogitsProcessorList
 
@@ -93,10 +93,10 @@ class HFEngine:
         for r, (row, prompt) in enumerate(zip(out[:, width:].tolist(), batch_ids)):
             completions.append(self._finish(row, len(prompt), params, elapsed, len(batch_ids)))
             if guided is not None:
-                completions[-1].extra["guide_interventions"] = guided.interventions[r] if guided.interventions else 0
+                completions[-1].extra["guide_interventions"] = guided.interventions[r]
         return completions
 
-    def _guided_logits(self, params: GenParams, width: int):
+    def _guided_logits(self, params: GenParams, batch: int, width: int):
         from pipelines.engines.constrain import GuidedLogits, TokenGuide, TokenTexts
         from pipelines.guide import Guide
 
@@ -105,7 +105,7 @@ class HFEngine:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 self._token_texts = TokenTexts(self.tokenizer, vocab)
             self._guides[params.guide] = TokenGuide(Guide.from_spec(params.guide), self._token_texts)
-        return GuidedLogits(self._guides[params.guide], width, self._eos_ids, sample=params.temperature > 0)
+        return GuidedLogits(self._guides[params.guide], batch, width, self._eos_ids, sample=params.temperature > 0)
 
     def _finish(self, row: list[int], n_prompt: int, params: GenParams, elapsed: float, batch: int) -> Completion:
         n, reason = len(row), "length"

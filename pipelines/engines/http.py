@@ -9,7 +9,6 @@ other 4xx are the caller's mistake and fail at once with the server's message.
 from __future__ import annotations
 
 import json
-
 import os
 import random
 import time

@@ -41,6 +41,7 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     from pipelines.engines import GenParams
     from pipelines.engines.loading import is_registry_ref
     from pipelines.evaluate import report, runner, sources
+    from pipelines.guide import guide_for
 
     checker = Checker(spec.contract)
     kind, labels = checker.type, spec.contract.labels
@@ -50,8 +51,6 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     names = list(dict.fromkeys([*spec.eval.baselines, *(baselines or [])]))
     systems = [sources.candidate_system(spec, registry, model_manifest.id if model_manifest else model_ref)]
     systems += [sources.baseline_system(b, spec, registry, model_ref, train) for b in names]
-    from pipelines.guide import guide_for
-
     # every system decodes under the same guide, so the comparison stays fair
     params = GenParams(max_new_tokens=spec.eval.max_new_tokens, temperature=spec.eval.temperature,
                        seed=spec.eval.seed, guide=guide_for(spec.contract))
