@@ -43,10 +43,12 @@ def spec_validate(file: Path = typer.Argument(..., help="The spec YAML file."),
     from pipelines.spec import load_spec
 
     spec = load_spec(file, set_ or [], check_paths=True)
-    result = {"spec": spec.to_dict(), "spec_hash": spec.spec_hash(), "valid": True}
+    result = {"spec": spec.to_dict(), "spec_hash": spec.spec_hash(), "valid": True,
+              "profile": spec.profile, "sources": spec.sources}
     emit(result, as_json, lambda: (
         out.print(f"[green]✓[/green] {file} is valid  (task [bold]{spec.task}[/bold], "
-                  f"spec hash {spec.spec_hash()})", highlight=False),
+                  f"profile {spec.profile or 'none'}, spec hash {spec.spec_hash()})"
+                  + "".join(f"\n  extends {s}" for s in spec.sources[1:]), highlight=False),
         out.print(yaml.safe_dump(spec.to_dict(), sort_keys=False), highlight=False, markup=False)))
 
 

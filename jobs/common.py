@@ -7,9 +7,10 @@ input (bad spec, unknown ref, bad key).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +25,9 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of the summary.")
 SetOpt = typer.Option(None, "--set", metavar="dotted.key=VALUE",
                       help="Override a spec key (VALUE is YAML); repeatable, validated like the file.")
+ProfileOpt = typer.Option(None, "--profile", metavar="NAME",
+                          help="Use the spec's profile NAME (its `profiles:` section) instead of its default "
+                               "`profile:`; applied before --set. Same as --set profile=NAME.")
 RegistryOpt = typer.Option(None, "--registry", metavar="URI", envvar="CRUCIBLE_REGISTRY",
                            help="file://DIR or s3://bucket/prefix (default: $CRUCIBLE_REGISTRY, "
                                 "else file://.crucible/registry).")
@@ -36,6 +40,9 @@ def command(fn: Callable) -> Callable:
     ``ValueError``/``SpecError``/``RefError`` for bad input (exit 2).
     """
 
+    sig = inspect.signature(fn)
+    takes_profile = "set_" in sig.parameters and "profile" not in sig.parameters
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from infra.registry import AliasConflict, CorruptBlob, RefError
@@ -43,6 +50,10 @@ def command(fn: Callable) -> Callable:
         from pipelines.spec import SpecError
 
         as_json = kwargs.get("as_json", False)
+        if takes_profile:  # --profile NAME travels with the overrides, so every stage (and a submitted job) sees it
+            profile = kwargs.pop("profile", None)
+            if profile is not None:
+                kwargs["set_"] = [f"profile={profile}", *(kwargs.get("set_") or [])]
         try:
             return fn(*args, **kwargs)
         except SpecError as e:
@@ -54,6 +65,14 @@ def command(fn: Callable) -> Callable:
         except StoreError as e:
             _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
 
+    if takes_profile:  # every command that reads a spec (it takes --set) also takes --profile
+        params = list(sig.parameters.values())
+        at = params.index(sig.parameters["set_"]) + 1
+        params.insert(at, inspect.Parameter("profile", inspect.Parameter.KEYWORD_ONLY if
+                                            params[at - 1].kind == inspect.Parameter.KEYWORD_ONLY else
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            default=ProfileOpt, annotation=Optional[str]))
+        wrapper.__signature__ = sig.replace(parameters=params)
     return wrapper
 
 

@@ -2,12 +2,18 @@
 
 Every stage reads it. Unknown keys are errors, and every error is reported at once as
 ``path.to.field: what is wrong``. Relative paths inside the spec (data, eval sets, schema files,
-a local base model) are relative to the spec file; ``registry`` is relative to the working dir,
-so every command run from one project shares one local registry.
+a local base model) are relative to the file that names them; ``registry`` is relative to the
+working dir, so every command run from one project shares one local registry.
+
+Two loading directives are resolved before validation and leave no trace in the resolved spec:
+``extends: base.yaml`` (this file deep-merged over its base: mappings merge, anything else is
+replaced) and ``profiles: {NAME: {...}}`` with ``profile: NAME`` (or ``--profile NAME``, which
+is ``--set profile=NAME``) selecting one, merged over the file before the ``--set`` overrides.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import glob
 import hashlib
@@ -17,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from infra.registry import DEFAULT_REGISTRY, parse_id
 
@@ -323,6 +329,18 @@ class Spec(Strict):
     gates: list[Gate] = Field(default_factory=list)
     deploy: Deploy = Field(default_factory=Deploy)
     registry: str = DEFAULT_REGISTRY
+    # How it was loaded (not part of the spec or its hash): the selected profile, the files merged.
+    _profile: str | None = PrivateAttr(None)
+    _sources: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def profile(self) -> str | None:
+        return self._profile
+
+    @property
+    def sources(self) -> list[str]:
+        """The spec file and every file it extends, the file itself first."""
+        return list(self._sources)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -452,36 +470,163 @@ def check_files(spec: Spec) -> list[str]:
     return errors
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = False) -> Spec:
-    """Read, override, validate and resolve a spec; raises ``SpecError`` listing every problem."""
+PROFILE_KEYS = ("extends", "profile", "profiles")  # loading directives, never in the resolved spec
+
+
+def read_spec_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, list[Path]]:
+    """A spec file as a raw mapping with its ``extends`` chain merged in (paths in a base made
+    absolute from the base's own folder); returns (raw, files read, the file itself first)."""
     path = Path(path)
+    where = " (extended by " + " <- ".join(str(p) for p in reversed(_chain)) + ")" if _chain else ""
+    if path.resolve() in _chain:
+        raise SpecError([f"extends: cycle {' -> '.join(str(p) for p in (*_chain, path.resolve()))}"], str(_chain[0]))
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise SpecError([f"cannot read spec: {e.strerror}"], str(path)) from None
+        raise SpecError([f"cannot read spec{where}: {e.strerror}"], str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SpecError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError([f"not valid YAML{at}{where}: {getattr(e, 'problem', e)}"], str(path)) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SpecError(["spec: the top level must be a mapping of sections"], str(path))
-    return spec_from_dict(raw, overrides, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)
+        raise SpecError([f"spec: the top level must be a mapping of sections{where}"], str(path))
+    if _chain:  # a base: its relative paths are relative to its own folder, not the extending file's
+        _rebase(raw, path.resolve().parent)
+    files = [path.resolve()]
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, files
+    if not isinstance(parent, str) or not parent:
+        raise SpecError([f"extends: expected the path of a base spec file, got {parent!r}"], str(path))
+    base_path = Path(parent).expanduser()
+    base_path = base_path if base_path.is_absolute() else path.resolve().parent / base_path
+    base, base_files = read_spec_file(base_path, (*_chain, path.resolve()))
+    return deep_merge(base, raw), files + base_files
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = dict(base)
+    for k, v in top.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _rebase(raw: dict, folder: Path) -> None:
+    """Make a base file's relative paths absolute (data, eval sets, schema, a local model folder),
+    in the file and in its profiles, so they keep meaning what they meant in that file."""
+    profiles = raw.get("profiles")
+    sections = [raw] + ([p for p in profiles.values() if isinstance(p, dict)] if isinstance(profiles, dict) else [])
+
+    def rel(p: Any) -> Any:
+        if not isinstance(p, str) or "://" in p or Path(p).expanduser().is_absolute():
+            return p
+        return str((folder / p).resolve())
+
+    for sec in sections:
+        data, contract, model = (sec.get(k) if isinstance(sec.get(k), dict) else {} for k in ("data", "contract", "model"))
+        if isinstance(data.get("train"), list):
+            data["train"] = [rel(p) for p in data["train"]]
+        elif isinstance(data.get("train"), str):
+            data["train"] = rel(data["train"])
+        if isinstance(data.get("eval"), dict):
+            data["eval"] = {k: rel(v) for k, v in data["eval"].items()}
+        if isinstance(contract.get("schema"), str):
+            contract["schema"] = rel(contract["schema"])
+        b = model.get("base")
+        if isinstance(b, str) and not (parse_id(b) or "@" in b) and (b.startswith((".", "~")) or (folder / b).exists()):
+            model["base"] = rel(b)
+
+
+def select_profile(raw: dict, overrides: list[str]) -> tuple[dict, list[str], str | None, list[str]]:
+    """Merge the selected profile into ``raw``. The selection is the file's ``profile`` key, or the
+    last ``profile=NAME`` override (``--profile NAME``). Every profile is validated over the file,
+    so a typo in one not selected today is still caught. Returns (raw, the other overrides,
+    the profile name, errors)."""
+    rest, inside, errors = [], [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == "profile":
+            value = item.split("=", 1)[1].strip() if "=" in item else ""
+            raw["profile"] = yaml.safe_load(value) if value else None
+        else:  # `--set profiles.cpu.x=…` edits a profile before it is merged; the rest apply after
+            (inside if key.startswith("profiles.") else rest).append(item)
+    raw, errors = apply_overrides(raw, inside)
+    chosen = raw.pop("profile", None)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        return raw, rest, None, [f"profiles: expected a mapping of profile name -> spec keys, got {type(profiles).__name__}"]
+    for name, body in profiles.items():
+        if not isinstance(body, dict):
+            errors.append(f"profiles.{name}: expected a mapping of spec keys, got {type(body).__name__}")
+        elif bad := [k for k in PROFILE_KEYS if k in body]:
+            errors.append(f"profiles.{name}.{bad[0]}: not allowed inside a profile")
+        else:
+            errors += [f"profiles.{name}.{e}" for e in _profile_errors(raw, body)]
+    if chosen is None:
+        return raw, rest, None, errors
+    if not isinstance(chosen, str) or chosen not in profiles:
+        known = ", ".join(map(str, profiles)) or "none defined"
+        return raw, rest, None, errors + [f"profile: {chosen!r} is not one of the spec's profiles ({known})"]
+    if isinstance(profiles[chosen], dict):
+        raw = deep_merge(raw, profiles[chosen])
+    return raw, rest, chosen, errors
+
+
+def _profile_errors(raw: dict, body: dict) -> list[str]:
+    """Errors of ``body`` merged over ``raw`` that come from keys the profile sets."""
+    try:
+        Spec.model_validate(deep_merge(raw, body))
+        return []
+    except ValidationError as e:
+        merged = deep_merge(raw, body)
+        return [msg for err, msg in zip(e.errors(), _format_errors(e, merged)) if _sets(body, err["loc"])]
+
+
+def _sets(body: Any, loc: tuple) -> bool:
+    """Whether a profile sets the field at ``loc`` (or a section above it)."""
+    for p in loc:
+        if isinstance(body, dict) and p in body:
+            body = body[p]
+        elif isinstance(body, list) and isinstance(p, int) and p < len(body):
+            body = body[p]
+        else:
+            return False
+        if not isinstance(body, (dict, list)):
+            return True
+    return True
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = False) -> Spec:
+    """Read (with its ``extends`` chain), select a profile, override, validate and resolve a spec;
+    raises ``SpecError`` listing every problem."""
+    path = Path(path)
+    raw, files = read_spec_file(path)
+    spec = spec_from_dict(raw, overrides, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)
+    spec._sources = [str(f) for f in files]
+    return spec
 
 
 def spec_from_dict(raw: dict, overrides: list[str] | None = None, *, base_dir: Path | None = None,
                    source: str = "spec", check_paths: bool = False) -> Spec:
-    raw, errors = apply_overrides(raw, overrides or [])
+    if "extends" in raw:
+        raise SpecError(["extends: only a spec file can extend another (use load_spec)"], source)
+    raw, overrides, profile, errors = select_profile(copy.deepcopy(raw), list(overrides or []))
+    raw, override_errors = apply_overrides(raw, overrides)
+    errors += override_errors
     spec = None
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
-        errors += _format_errors(e, raw)
+        # a selected profile's own mistakes are already listed under profiles.NAME
+        errors += [m for m in _format_errors(e, raw) if f"profiles.{profile}.{m}" not in errors]
     if spec is not None:
         spec = _resolve_paths(spec, base_dir or Path.cwd())
+        spec._profile = profile
         if check_paths:
             errors += check_files(spec)
     if errors:
-        raise SpecError(errors, source)
+        raise SpecError(list(dict.fromkeys(errors)), source)
     return spec

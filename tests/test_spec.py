@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -119,3 +120,126 @@ def test_example_spec_validates_once_its_data_is_prepared(tmp_path):
                       f"data.eval.adversarial={tmp_path}/adversarial.jsonl"], check_paths=True)
     assert spec.task == "support-triage" and spec.contract.type == "json"
     assert spec.json_schema_doc()["required"] == ["intent", "category", "entity"]
+
+
+# -- extends and profiles ------------------------------------------------------------------------------
+def test_extends_merges_a_base_whose_paths_stay_relative_to_it(tmp_path):
+    (tmp_path / "common" / "data").mkdir(parents=True)
+    (tmp_path / "common" / "data" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "b.jsonl").write_text("{}\n")
+    (tmp_path / "common" / "base.yaml").write_text(yaml.safe_dump({
+        "task": "demo", "model": {"base": "org/name", "max_seq_len": 128},
+        "data": {"train": ["data/a.jsonl"], "eval": {"held": "data/a.jsonl"}},
+        "train": {"lr": 1e-3, "lora": {"r": 8, "alpha": 16}}, "gates": [{"metric": "accuracy", "min": 0.5}]}))
+    (tmp_path / "task" / "spec.yaml").write_text(yaml.safe_dump({
+        "extends": "../common/base.yaml", "model": {"max_seq_len": 256},
+        "data": {"eval": {"mine": "b.jsonl"}}, "train": {"lora": {"r": 4}},
+        "gates": [{"metric": "accuracy", "min": 0.7}]}))
+    spec = load_spec(tmp_path / "task" / "spec.yaml", check_paths=True)
+    assert spec.sources == [str(tmp_path / "task" / "spec.yaml"), str(tmp_path / "common" / "base.yaml")]
+    assert spec.model.base == "org/name" and spec.model.max_seq_len == 256  # mappings merge key by key
+    assert (spec.train.lr, spec.train.lora.r, spec.train.lora.alpha) == (1e-3, 4, 16)
+    assert spec.gates[0].min == 0.7 and len(spec.gates) == 1  # lists are replaced, not appended
+    assert spec.data.train == [str(tmp_path / "common" / "data" / "a.jsonl")]  # the base's own folder
+    assert spec.data.eval == {"held": str(tmp_path / "common" / "data" / "a.jsonl"),
+                              "mine": str(tmp_path / "task" / "b.jsonl")}
+
+
+def test_extends_errors_name_the_file_and_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\ntask: demo\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(SpecError, match=r"extends: cycle .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_spec(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\ntask: demo\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(tmp_path / "c.yaml")
+    assert exc.value.source.endswith("missing.yaml") and "extended by" in exc.value.errors[0]
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(SpecError, match="extends: expected the path of a base spec file"):
+        load_spec(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("extends: f.yaml\nmodel: {base: org/name}\n")
+    (tmp_path / "f.yaml").write_text("task: demo\nmodel: {bsae: x}\n")
+    assert "model.bsae: unknown key (did you mean 'base'?)" in "\n".join(_errors_of_file(tmp_path / "e.yaml"))
+
+
+def _errors_of_file(path) -> list[str]:
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    return exc.value.errors
+
+
+PROFILED = {**MINIMAL, "train": {"workers": 2, "max_steps": 200}, "profile": "small",
+            "profiles": {"small": {"train": {"workers": 1, "max_steps": 10}},
+                         "big": {"model": {"base": "org/big"}, "train": {"use_gpu": True, "workers": 4}}}}
+
+
+def test_profiles_default_select_and_stack_under_set():
+    small = spec_from_dict(PROFILED)
+    assert small.profile == "small" and (small.train.workers, small.train.max_steps) == (1, 10)
+    big = spec_from_dict(PROFILED, ["profile=big", "train.workers=8"])  # --profile big --set train.workers=8
+    assert big.profile == "big" and big.model.base == "org/big" and big.train.use_gpu
+    assert (big.train.workers, big.train.max_steps) == (8, 200)  # --set after the profile; the rest from the file
+    plain = spec_from_dict(PROFILED, ["profile="])  # no profile at all: the file as written
+    assert plain.profile is None and (plain.train.workers, plain.train.max_steps) == (2, 200)
+    edited = spec_from_dict(PROFILED, ["profiles.small.train.max_steps=20"])
+    assert edited.train.max_steps == 20
+    # the resolved spec is the same whether it came from a profile or from the same --set overrides
+    same = spec_from_dict(PROFILED, ["profile=", "train.workers=1", "train.max_steps=10"])
+    assert same.to_dict() == small.to_dict() and same.spec_hash() == small.spec_hash()
+    assert "profiles" not in small.to_dict() and "profile" not in small.to_dict()
+
+
+def test_every_profile_is_validated_and_its_errors_name_it():
+    raw = {**PROFILED, "profiles": {"small": {"train": {"wrokers": 1}},
+                                    "big": {"train": {"method": "qlora"}}, "odd": [1]}}
+    errors = _errors(raw)
+    assert errors[0].startswith("profiles.small.train.wrokers: unknown key (did you mean 'workers'?)")
+    assert any(e.startswith("profiles.big.train: method 'qlora' quantises") for e in errors), errors
+    assert "profiles.odd: expected a mapping of spec keys, got list" in errors
+    assert len(errors) == 3  # the selected profile's mistake is not listed a second time without its name
+    assert _errors(PROFILED, ["profile=huge"]) == ["profile: 'huge' is not one of the spec's profiles (small, big)"]
+    assert _errors({**PROFILED, "profiles": {"x": {"profile": "y"}}, "profile": None}) == \
+        ["profiles.x.profile: not allowed inside a profile"]
+
+
+# The 14 --set overrides demo.py passed to every command when RESULTS.md was measured (2026-11-24).
+MEASURED_DEMO_OVERRIDES = [
+    "model.base=support-triage@base",
+    "model.system_prompt='Triage the customer message. Reply with JSON: intent, category, entity.'",
+    "model.max_seq_len=160", "train.max_steps=100", "train.micro_batch_size=8", "train.workers=1",
+    "train.lr=1.0e-3", "train.lora.r=16", "eval.limit=40", "eval.max_new_tokens=48", "eval.batch_size=20",
+    "eval.bootstrap=500", "deploy.min_requests=40", "deploy.max_p95_ratio=3.0"]
+
+
+def test_example_spec_default_is_the_measured_cpu_profile_and_gpu_is_a_profile():
+    path = ROOT / "examples/support-triage/spec.yaml"
+    default, cpu = load_spec(path), load_spec(path, ["profile=cpu"])
+    measured = load_spec(path, ["profile=", *MEASURED_DEMO_OVERRIDES])
+    assert default.profile == cpu.profile == "cpu"
+    assert default.to_dict() == cpu.to_dict() == measured.to_dict()
+    gpu = load_spec(path, ["profile=gpu"])
+    assert gpu.train.use_gpu and gpu.train.workers == 4 and gpu.train.deepspeed.stage == 2
+    assert gpu.eval.engine == "vllm" and gpu.model.base == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    demo = (ROOT / "examples/support-triage/demo.py").read_text()
+    assert "--set" not in demo and "--profile" not in demo  # the demo runs the spec as committed
+
+
+def test_profile_option_on_spec_reading_commands(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(PROFILED))
+    crucible = [sys.executable, "-m", "jobs.cli"]
+    proc = subprocess.run([*crucible, "spec", "validate", str(spec), "--profile", "big", "--set", "train.workers=3",
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)  # --json: exactly one object
+    assert result["profile"] == "big" and result["spec"]["train"]["workers"] == 3
+    assert result["spec"]["model"]["base"] == "org/big" and result["sources"] == [str(spec)]
+    bad = subprocess.run([*crucible, "spec", "validate", str(spec), "--profile", "huge", "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "profile: 'huge'" in json.loads(bad.stdout)["details"][0]
+    for command in (["train", "--help"], ["factory", "--help"], ["run", "--help"], ["serve", "--help"],
+                    ["submit", "--help"], ["eval", "--help"]):
+        helped = subprocess.run([*crucible, *command], capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "COLUMNS": "200"})
+        assert "--profile" in helped.stdout, command
