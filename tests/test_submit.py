@@ -29,66 +29,93 @@ def cluster(tmp_path_factory):
         yield address
 
 
-SPEC_DIR = ROOT / "tests" / "_submit_specs"  # inside the shipped working dir, not git-ignored
-
-
-@pytest.fixture(autouse=True)
-def _clean_spec_dir():
-    yield
-    import shutil
-
-    shutil.rmtree(SPEC_DIR, ignore_errors=True)
-
-
-def _spec(tmp_path: Path, data: Path, registry: Path) -> Path:
-    # The spec travels with the job, so it must live inside the working dir.
-    spec_dir = SPEC_DIR / tmp_path.name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = spec_dir / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"task": "submitted", "model": {"base": "org/unused-by-the-factory"},
-                                    "data": {"train": [str(data)]}, "registry": f"file://{registry}"}))
+def _task_folder(tmp_path: Path, data_name: str = "rows.jsonl", **spec_keys) -> Path:
+    """A user's own task folder, outside crucible's tree: spec, schema, data. Returns the spec."""
+    folder = tmp_path / "my-task"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spec = folder / "spec.yaml"
+    raw = {"task": "submitted", "model": {"base": "org/unused-by-the-factory"},
+           "data": {"train": [f"data/{data_name}"]}, "registry": "file://.crucible/registry"}
+    spec.write_text(yaml.safe_dump({**raw, **spec_keys}))
     return spec
 
 
-def _submit(*args, timeout=600):
-    return subprocess.run([str(CRUCIBLE), "submit", *args], cwd=ROOT, capture_output=True, text=True,
+def _submit(*args, cwd: Path, timeout=600):
+    return subprocess.run([str(CRUCIBLE), "submit", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ))
 
 
-def test_build_job_refuses_local_registry_on_remote_cluster(tmp_path):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    spec = _spec(tmp_path, data, tmp_path / "registry")
+def test_job_ships_the_spec_folder_and_runs_the_installed_crucible(tmp_path, monkeypatch):
+    spec = _task_folder(tmp_path)
+    folder = spec.parent
+    assert not folder.resolve().is_relative_to(ROOT)
+    monkeypatch.chdir(folder)  # the registry is relative to where the user runs crucible
+    job = build_job(Path("spec.yaml"), "factory", ["data.split.seed=3", "profile="], "http://127.0.0.1:8265")
+    assert job["runtime_env"]["working_dir"] == str(folder) and ".venv" in job["runtime_env"]["excludes"]
+    registry = f"file://{folder / '.crucible' / 'registry'}"
+    assert job["entrypoint"] == f"crucible factory spec.yaml --set=data.split.seed=3 --set=profile= --set=registry={registry}"
+    assert job["registry"] == registry and job["runtime_env"]["env_vars"]["CRUCIBLE_REGISTRY"] == registry
     with pytest.raises(ValueError, match="remote cluster"):
-        build_job(spec, "factory", [], "http://10.0.0.5:8265", ROOT)
-    job = build_job(spec, "factory", ["data.split.seed=3"], "http://127.0.0.1:8265", ROOT)
-    assert job["entrypoint"].startswith("python -m jobs.factory tests/_submit_specs/")
-    assert "--set=data.split.seed=3" in job["entrypoint"] and job["registry"] == f"file://{tmp_path / 'registry'}"
-    assert ".venv" in job["runtime_env"]["excludes"]
+        build_job(spec, "factory", [], "http://10.0.0.5:8265")
     with pytest.raises(ValueError, match="choose one of"):
-        build_job(spec, "nonsense", [], "http://127.0.0.1:8265", ROOT)
+        build_job(spec, "nonsense", [], "http://127.0.0.1:8265")
+    # --working-dir still works: a folder above the spec's is shipped, the spec path is relative to it
+    job = build_job(spec, "train", [], "http://127.0.0.1:8265", working_dir=tmp_path, pip=["crucible==0.1.0"])
+    assert job["entrypoint"].startswith("crucible train my-task/spec.yaml ") and job["runtime_env"]["pip"] == ["crucible==0.1.0"]
+    with pytest.raises(ValueError, match=r"spec: .*outside the working dir"):
+        build_job(spec, "train", [], "http://127.0.0.1:8265", working_dir=folder / "data")
+
+
+def test_files_the_job_could_not_read_are_refused_by_name(tmp_path, tiny_model):
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("{}\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"pii": "keep"}}))
+    spec = _task_folder(tmp_path, extends="../base.yaml",
+                        data={"train": ["data/rows.jsonl", str(outside), "s3://bucket/rows.jsonl"],
+                              "eval": {"held": ".cache/held.jsonl"}})
+    with pytest.raises(ValueError) as exc:
+        build_job(spec, "factory", [], "http://127.0.0.1:8265")
+    lines = str(exc.value).splitlines()[1:]
+    assert [l.split(":")[0].strip() for l in lines] == ["data.train[1]", "data.eval.held", "extends"], lines
+    assert str(outside) in lines[0] and "s3://" in lines[0] and "excluded from the upload" in lines[1]
+    # a local base model: readable where it is by this machine's own cluster, never by a remote one
+    local = _task_folder(tmp_path / "b", model={"base": str(tiny_model)}, registry="s3://bucket/crucible")
+    assert build_job(local, "train", [], "http://127.0.0.1:8265")["entrypoint"].startswith("crucible train")
+    with pytest.raises(ValueError, match=r"model.base: .*cannot read; register it"):
+        build_job(local, "train", [], "http://10.0.0.5:8265")
+
+
+def test_profile_travels_with_the_job(tmp_path):
+    spec = _task_folder(tmp_path, profile="small", profiles={"small": {"train": {"max_steps": 3}},
+                                                             "big": {"train": {"workers": 4}}})
+    job = build_job(spec, "train", ["profile=big"], "http://127.0.0.1:8265")
+    assert job["profile"] == "big" and "--set=profile=big" in job["entrypoint"]
 
 
 @pytest.mark.slow
-def test_submitted_factory_job_registers_its_dataset(cluster, tmp_path):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    registry = tmp_path / "registry"
-    proc = _submit(str(_spec(tmp_path, data, registry).relative_to(ROOT)), "--address", cluster,
-                   "--stage", "factory", "--json")
+def test_submitted_factory_job_from_a_folder_outside_the_repo(cluster, tmp_path):
+    spec = _task_folder(tmp_path)
+    folder = spec.parent
+    proc = _submit("spec.yaml", "--address", cluster, "--stage", "factory", "--json", cwd=folder)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["status"] == "SUCCEEDED" and result["job_id"]
-    datasets = Registry.open(f"file://{registry}").list("dataset", "submitted")
+    result = json.loads(proc.stdout)  # --json: one object, nothing else
+    assert result["status"] == "SUCCEEDED" and result["job_id"] and result["working_dir"] == str(folder)
+    assert result["entrypoint"].startswith("crucible factory spec.yaml ")
+    datasets = Registry.open(f"file://{folder / '.crucible' / 'registry'}").list("dataset", "submitted")
     assert len(datasets) == 1  # the job wrote where we read
+    assert datasets[0].metadata["input_rows"] == len(ROWS)  # it read the data shipped with the spec
 
 
 @pytest.mark.slow
-def test_failing_job_reports_status_and_logs(cluster, tmp_path):
-    registry = tmp_path / "registry"
-    spec = _spec(tmp_path, tmp_path / "absent.jsonl", registry)  # valid spec, data missing: the job fails
-    proc = _submit(str(spec.relative_to(ROOT)), "--address", cluster, "--stage", "factory")
+def test_failing_job_reports_its_reason(cluster, tmp_path):
+    spec = _task_folder(tmp_path, data_name="absent.jsonl")  # valid spec, data missing: the job fails
+    proc = _submit(str(spec), "--address", cluster, "--stage", "factory", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "failed" in proc.stderr.lower()
+    assert "failed" in proc.stderr.lower() and "exit code" in proc.stderr.lower()  # Ray's reason
     assert "absent.jsonl" in proc.stdout  # the job's own error reached the user through its logs
-    assert not (registry / "manifests").exists()
+    assert not (spec.parent / ".crucible" / "registry" / "manifests").exists()
+    as_json = _submit(str(spec), "--address", cluster, "--stage", "factory", "--json", cwd=tmp_path)
+    assert as_json.returncode == 1
+    error = json.loads(as_json.stdout)["error"]
+    assert "failed" in error and "absent.jsonl" in error
