@@ -3,7 +3,6 @@ commands that exist in this project."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 
@@ -18,11 +17,6 @@ CLUSTER = ROOT / "cluster"
 
 def _load(name: str):
     return yaml.safe_load((CLUSTER / name).read_text())
-
-
-def _module_of(command: str) -> str | None:
-    words = shlex.split(command)
-    return words[words.index("-m") + 1] if "-m" in words else None
 
 
 def test_aws_cluster_launcher_config():
@@ -52,19 +46,46 @@ def test_kuberay_manifests(name, kind):
         assert group["minReplicas"] <= group["maxReplicas"]
         worker = group["template"]["spec"]["containers"][0]
         assert worker["resources"]["limits"].get("nvidia.com/gpu")
-    if kind == "RayJob":
-        module = _module_of(doc["spec"]["entrypoint"])
-        assert module and importlib.util.find_spec(module.split(".")[0]) is not None
-        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), module
-        spec_path = shlex.split(doc["spec"]["entrypoint"])[3]
-        assert (ROOT / spec_path).is_file(), spec_path
+    if kind == "RayJob":  # runs like `crucible submit`: the installed crucible, in the task's own folder
+        folder = _task_folder(doc)
+        assert _zip_working_dir(yaml.safe_load(doc["spec"]["runtimeEnvYAML"]))
+        spec = _crucible_entrypoint(doc["spec"]["entrypoint"], folder)
+        assert spec.registry.startswith("s3://") and spec.profile == "gpu"
 
 
-def test_runtime_env_ships_the_project_not_its_caches():
+def _task_folder(doc: dict):
+    """The folder a manifest's working-dir zip is made from (its `crucible/task-folder` annotation)."""
+    folder = ROOT / doc["metadata"]["annotations"]["crucible/task-folder"]
+    assert folder.is_dir(), folder
+    return folder
+
+
+def _zip_working_dir(runtime_env: dict) -> bool:
+    """A pod cannot upload a folder: the working dir is a remote zip Ray downloads on every node."""
+    return re.fullmatch(r"s3://[a-z0-9.-]+/.+\.zip", runtime_env["working_dir"]) is not None
+
+
+def _crucible_entrypoint(command: str, folder):
+    """`crucible STAGE SPEC [--profile P] [--set k=v]...`: a registered command, a spec inside the
+    task folder that validates with those options. Returns the spec."""
+    from jobs.cli import app
+    from pipelines.spec import load_spec
+
+    words = shlex.split(command)
+    assert words[0] == "crucible", "the job runs the installed crucible entry point"
+    assert words[1] in {c.name for c in app.registered_commands}, words[1]
+    assert (folder / words[2]).is_file(), words[2]
+    overrides = [f"profile={v}" if k == "--profile" else v for k, v in zip(words[3::2], words[4::2])]
+    assert all(k in ("--profile", "--set") for k in words[3::2]), words
+    return load_spec(folder / words[2], overrides)
+
+
+def test_runtime_env_ships_the_task_folder_not_its_caches():
+    from jobs.submit import EXCLUDES
+
     env = _load("runtime_env.yaml")
-    assert env["working_dir"] == "."
-    for excluded in (".venv", ".cache", ".git"):
-        assert excluded in env["excludes"]
+    assert env["working_dir"] == "." and "pip" not in env  # the nodes have crucible installed
+    assert env["excludes"] == EXCLUDES  # what `crucible submit` ships is what `ray job submit` ships
 
 
 def test_terraform_registry_bucket_and_role():
@@ -123,7 +144,9 @@ def test_kuberay_rayservice():
         assert (ROOT / (module_name.replace(".", "/") + ".py")).is_file(), module_name
         builder = getattr(importlib.import_module(module_name), attr)
         assert callable(builder) and list(inspect.signature(builder).parameters) == ["args"], entry["import_path"]
-        spec = load_spec(ROOT / entry["args"]["spec"])  # the spec ships in the working dir
+        assert _zip_working_dir(entry["runtime_env"]), entry["name"]  # the task's folder, as for a job
+        spec = load_spec(_task_folder(doc) / entry["args"]["spec"], entry["args"].get("set"))
+        assert spec.profile == "gpu"
         assert entry["args"]["registry"].startswith("s3://")
         if entry.get("route_prefix"):  # the router: named after the task
             assert entry["import_path"] == "serving.app:build_app" and entry["name"] == spec.task
