@@ -8,11 +8,12 @@ export HF_HUB_OFFLINE := 1
 
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup setup-vllm local-test test-fast bench demo clean help
+.PHONY: setup setup-vllm local-test cluster-test test-fast bench demo clean help
 
 help:
 	@echo "make setup       create $(VENV): torch 2.13.0 CPU first, then crucible with the pinned stack"
 	@echo "make local-test  run the whole test suite (real local Ray, real S3 server, tiny models)"
+	@echo "make cluster-test  two Ray nodes on 127.0.0.1 (head + worker, S3 registry): placement, node loss, Serve"
 	@echo "make test-fast   the suite without tests marked slow"
 	@echo "make demo        support triage end to end on SmolLM2-135M: data, LoRA, eval, gate, canary, promote"
 	@echo "make bench       benchmarks; JSON with ratios against a baseline measured in the same run, in bench/"
@@ -46,7 +47,11 @@ setup-vllm:
 
 # pytest exits 5 when it collects nothing; that fails the target (and CI) on purpose.
 local-test:
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not two_nodes"
+
+# Not yet verified on a loaded CI machine (see tests/test_two_nodes.py); joins local-test once it is.
+cluster-test:
+	$(BIN)/python -m pytest -q --durations=15 -m two_nodes
 
 test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"

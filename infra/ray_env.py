@@ -81,7 +81,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: bool, timeout: float = 90.0,
-                     cache_dir: str | os.PathLike | None = None):
+                     cache_dir: str | os.PathLike | None = None, resources: dict[str, float] | None = None,
+                     env: dict[str, str] | None = None):
     """``ray start --head --block`` on 127.0.0.1 (free ports, files under ``temp_dir``, the local
     auth settings of :func:`local_ray_env`) in a new session, so the head and every process it
     starts share one process group that :func:`stop_process_group` can end without touching any
@@ -89,20 +90,14 @@ def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: b
 
     Waits until the head is up (``ray start`` printed its startup message; with ``dashboard``, the
     Jobs API answers) and returns ``(popen, gcs_address, dashboard_url or None)``. The process
-    group id is ``popen.pid``. Raises RuntimeError (with the head's log tail) when it does not start.
+    group id is ``popen.pid``. ``resources`` are custom node resources, ``env`` extra environment
+    for the node and everything it runs (e.g. the registry's credentials, as a cluster's nodes
+    have them). Raises RuntimeError (with the head's log tail) when it does not start.
     """
-    import subprocess
-    import time
-
     temp_dir = Path(temp_dir).resolve()
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **local_ray_env(cache_dir), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     gcs = f"127.0.0.1:{free_port()}"
-    args = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            f"--port={gcs.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    args = ["--head", f"--port={gcs.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}"]
     dashboard_url = None
     if dashboard:
         dash = free_port()
@@ -110,10 +105,65 @@ def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: b
         dashboard_url = f"http://127.0.0.1:{dash}"
     else:
         args += ["--include-dashboard=false"]
-    log_path = temp_dir / "ray-head.log"
+    proc = _ray_start(args, temp_dir / "ray-head.log", num_cpus=num_cpus, resources=resources, env=env,
+                      cache_dir=cache_dir, timeout=timeout, ready_url=dashboard_url and f"{dashboard_url}/api/version")
+    return proc, gcs, dashboard_url
+
+
+def start_local_worker(gcs_address: str, log_dir: str | os.PathLike, *, num_cpus: int,
+                       resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
+                       timeout: float = 90.0, cache_dir: str | os.PathLike | None = None):
+    """A second node for a head from :func:`start_local_head`: ``ray start --address --block`` on
+    127.0.0.1 with free ports of its own, in a process group of its own, so a test can stop this
+    node alone (:func:`stop_process_group`, like losing a machine) and start another. Its logs go
+    to ``log_dir``; Ray keeps its session files in the head's temp dir. Returns the Popen once
+    ``ray start`` reports the node up."""
+    log_dir = Path(log_dir).resolve()
+    args = [f"--address={gcs_address}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+    return _ray_start(args, log_dir / f"ray-worker-{free_port()}.log", num_cpus=num_cpus, resources=resources,
+                      env=env, cache_dir=cache_dir, timeout=timeout, launcher=_JOINING_RAY_START)
+
+
+# Local mode's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is what keeps every Ray address on loopback, but
+# the same flag makes `ray start --address` refuse to join (Ray 2.60, scripts.py), and setting it
+# to 1 turns 127.0.0.1 into the eth0 address. So a joining node runs Ray's own `ray start` with
+# only that refusal lifted: its CLI sees the flag on, the address helpers (services.py) still off.
+_JOINING_RAY_START = """
+import sys, types
+import ray._private.ray_constants as constants
+import ray.scripts.scripts as scripts
+view = types.ModuleType(constants.__name__)
+view.__dict__.update(vars(constants))
+view.ENABLE_RAY_CLUSTER = True
+scripts.ray_constants = view
+sys.argv[0] = "ray"
+sys.exit(scripts.main())
+"""
+
+
+def _ray_start(args: list[str], log_path: Path, *, num_cpus: int, resources, env, cache_dir, timeout: float,
+               ready_url: str | None = None, launcher: str | None = None):
+    """Run ``ray start ARGS --block`` in a new session, logging to ``log_path``; wait until it is up."""
+    import json
+    import subprocess
+    import time
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    # On a loaded machine `ray start` gave up on its raylet after the default 60 s ("The current node
+    # timed out during startup"); it may wait as long as we do.
+    patience = {"RAY_raylet_start_wait_time_s": str(int(timeout))}
+    full_env = {**patience, **os.environ, **local_ray_env(cache_dir), **(env or {}),
+                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    ray_cli = [sys.executable, "-c", launcher] if launcher else [str(bin_dir / "ray")]
+    args = [*ray_cli, "start", *args, "--block", "--node-ip-address=127.0.0.1",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            *([f"--resources={json.dumps(resources)}"] if resources else [])]
     with open(log_path, "ab") as log_file:
         start = log_file.tell()
-        proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def tail() -> str:
         return log_path.read_bytes()[start:].decode(errors="replace")[-3000:]
@@ -124,17 +174,17 @@ def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: b
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {proc.returncode}:\n{tail()}")
             ready = "Ray runtime started" in log_path.read_bytes()[start:].decode(errors="replace")
-            if ready and dashboard_url:
+            if ready and ready_url:
                 import httpx
 
                 try:
-                    ready = httpx.get(f"{dashboard_url}/api/version", timeout=2).status_code in (200, 401)
+                    ready = httpx.get(ready_url, timeout=2).status_code in (200, 401)
                 except httpx.HTTPError:
                     ready = False
             if ready:
-                return proc, gcs, dashboard_url
+                return proc
             if time.time() > deadline:
-                raise RuntimeError(f"the Ray head was not up after {timeout:g} s:\n{tail()}")
+                raise RuntimeError(f"the Ray node was not up after {timeout:g} s:\n{tail()}")
             time.sleep(0.3)
     except BaseException:
         stop_process_group(proc.pid, proc)
