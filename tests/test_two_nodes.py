@@ -14,6 +14,7 @@ import json
 import secrets
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,13 @@ def cluster(tmp_path_factory, s3_server):
     """{ray, reg, head, worker (node ids), start_worker()}: two nodes joined, the driver connected."""
     import ray
 
-    root = tmp_path_factory.mktemp("two-nodes")
+    import shutil
+    import tempfile
+
+    from tests.conftest import CACHE
+
+    CACHE.mkdir(parents=True, exist_ok=True)  # short: Ray's unix socket paths must stay under 108 bytes
+    root = Path(tempfile.mkdtemp(prefix="r2n-", dir=CACHE))
     creds = {"AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": s3_server["AWS_ACCESS_KEY_ID"],
              "AWS_SECRET_ACCESS_KEY": s3_server["AWS_SECRET_ACCESS_KEY"], "AWS_REGION": "us-east-1"}
     mp = pytest.MonkeyPatch()
@@ -78,6 +85,7 @@ def cluster(tmp_path_factory, s3_server):
         for proc in reversed(procs):
             stop_process_group(proc.pid, proc)
         mp.undo()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
