@@ -20,17 +20,19 @@ from jobs.common import command, emit, json_stdout
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def crucible(*args: str, cwd: Path, timeout: int = 600) -> tuple[int, dict, str]:
-    """(exit code, the parsed stdout, stderr) of one ``crucible ... --json`` process."""
+def crucible(*args: str, cwd: Path, code: int = 0, env: dict | None = None, timeout: int = 600
+             ) -> tuple[dict, str]:
+    """(the parsed stdout, stderr) of one ``crucible ... --json`` process that must exit ``code``."""
     done = subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--json"], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     try:
         doc = json.loads(done.stdout)  # the whole of stdout: one object, nothing before or after it
     except json.JSONDecodeError:
         pytest.fail(f"crucible {args[0]} --json: stdout is not one JSON object:\n{done.stdout[-3000:]}\n"
                     f"--- stderr ---\n{done.stderr[-3000:]}")
     assert isinstance(doc, dict)
-    return done.returncode, doc, done.stderr
+    assert done.returncode == code, f"crucible {args[0]}: exit {done.returncode}: {doc}\n{done.stderr[-3000:]}"
+    return doc, done.stderr
 
 
 def test_everything_written_to_stdout_while_a_json_command_runs_goes_to_stderr(capfd):
@@ -75,8 +77,22 @@ def test_a_crash_or_two_results_still_print_one_object():
     assert "Traceback" in res.stderr
 
 
+@pytest.fixture
+def ray_head_env(tmp_path_factory):
+    """A Ray head of our own (its process group stopped at the end) that every command joins:
+    one start instead of one per command, which on a loaded machine is where Ray times out.
+    Worker logs reach each command the same way (``log_to_driver``)."""
+    from infra.ray_env import local_ray_env, start_local_head, stop_process_group
+
+    proc, gcs, _ = start_local_head(tmp_path_factory.mktemp("rayhead"), num_cpus=2, dashboard=False, timeout=180)
+    try:
+        yield {**local_ray_env(), "RAY_ADDRESS": gcs}
+    finally:
+        stop_process_group(proc.pid, proc)
+
+
 @pytest.mark.slow
-def test_every_long_command_prints_one_json_object(tmp_path, tiny_model):
+def test_every_long_command_prints_one_json_object(tmp_path, tiny_model, ray_head_env):
     rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"please repeat the number {i} back to me"},
                                          {"role": "assistant", "content": f"{i}"}]} for i in range(10, 50)]
     golden = [{"id": f"g{i}", "messages": [{"role": "user", "content": f"repeat this: {i} {i}"},
@@ -93,22 +109,22 @@ def test_every_long_command_prints_one_json_object(tmp_path, tiny_model):
         "gates": [{"metric": "token_f1", "eval_set": "golden", "min": 0.0}]}))
     s = str(spec)
 
-    code, ds, _ = crucible("factory", s, cwd=tmp_path)
-    assert code == 0 and ds["dataset"].startswith("dataset-echo-")
-    code, trained, stderr = crucible("train", s, cwd=tmp_path)
-    assert code == 0 and trained["steps"] == 2 and trained["model"].startswith("model-echo-")
+    ds, _ = crucible("factory", s, cwd=tmp_path, env=ray_head_env)
+    assert ds["dataset"].startswith("dataset-echo-")
+    trained, stderr = crucible("train", s, cwd=tmp_path, env=ray_head_env)
+    assert trained["steps"] == 2 and trained["model"].startswith("model-echo-")
     assert "[crucible train]" in stderr  # the worker's log lines still reach the terminal, on stderr
-    code, ev, _ = crucible("eval", s, "--model", trained["model"], cwd=tmp_path)
-    assert code == 0 and ev["eval"].startswith("eval-echo-")
-    code, verdict, _ = crucible("gate", ev["eval"], cwd=tmp_path)
-    assert code == 0 and verdict["passed"] is True
-    code, verdict, _ = crucible("gate", ev["eval"], s, "--set", "gates=[{metric: token_f1, eval_set: golden, min: 1.1}]",
-                                cwd=tmp_path)
-    assert code == 1 and verdict["passed"] is False  # a failed gate: exit 1, the verdict is still the one object
-    code, pred, _ = crucible("predict", trained["model"], "--input", str(tmp_path / "golden.jsonl"),
-                             "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", cwd=tmp_path)
-    assert code == 0 and pred["n"] == 3 == len((tmp_path / "out.jsonl").read_text().splitlines())
-    code, loop, _ = crucible("run", s, "--until", "gate", cwd=tmp_path)
-    assert code == 0 and list(loop["steps"]) == ["factory", "train", "eval", "gate"]
-    code, bad, _ = crucible("train", s, "--set", "train.lr=-1", cwd=tmp_path)
-    assert code == 2 and "train.lr" in " ".join(bad["details"])
+    ev, _ = crucible("eval", s, "--model", trained["model"], cwd=tmp_path, env=ray_head_env)
+    assert ev["eval"].startswith("eval-echo-")
+    verdict, _ = crucible("gate", ev["eval"], cwd=tmp_path, env=ray_head_env)
+    assert verdict["passed"] is True
+    verdict, _ = crucible("gate", ev["eval"], s, "--set", "gates=[{metric: token_f1, eval_set: golden, min: 1.1}]",
+                          cwd=tmp_path, env=ray_head_env, code=1)
+    assert verdict["passed"] is False  # a failed gate: exit 1, the verdict is still the one object
+    pred, _ = crucible("predict", trained["model"], "--input", str(tmp_path / "golden.jsonl"),
+                       "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", cwd=tmp_path, env=ray_head_env)
+    assert pred["n"] == 3 == len((tmp_path / "out.jsonl").read_text().splitlines())
+    loop, _ = crucible("run", s, "--until", "gate", cwd=tmp_path, env=ray_head_env)
+    assert list(loop["steps"]) == ["factory", "train", "eval", "gate"]
+    bad, _ = crucible("train", s, "--set", "train.lr=-1", cwd=tmp_path, env=ray_head_env, code=2)
+    assert "train.lr" in " ".join(bad["details"])

@@ -141,7 +141,8 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
     curves = {"train": [[h["step"], h["loss"]] for h in hist], "dev": [[d["step"], d["loss"]] for d in dev]}
     png = loss_curves_png([tuple(p) for p in curves["train"]], [tuple(p) for p in curves["dev"]])
     ckpt_files = {f"checkpoint/{p.name}": p for p in folder.iterdir() if p.is_file()}
-    inputs = {"spec_hash": spec.spec_hash(), "dataset": pre["dataset"], "base_model": pre.get("base_ref") or spec.model.base,
+    inputs = {"spec_hash": spec.spec_hash(), "dataset": pre["dataset"],
+              "base_model": pre.get("base_ref") or spec.model.base,  # DPO: the merged SFT model
               **({"parent_run": parent.id} if parent else {}),
               **({"merged_from": pre["merged_from"]} if pre.get("merged_from") else {})}
     run_m = registry.create("run", spec.task, files={**ckpt_files, "loss.png": png,

@@ -44,8 +44,9 @@ def read_pairs(path: str | Path) -> list[dict]:
     for n, r in enumerate(rows, 1):
         rejected = (r.get("meta") or {}).get("rejected_response")
         if not isinstance(rejected, str) or r["messages"][-1]["role"] != "assistant":
-            raise ValueError(f"{path}:{n} (id {r.get('id')}): not a preference pair (needs messages ending with the "
-                             "chosen answer and meta.rejected_response); build the dataset with data.format: preference")
+            raise ValueError(f"{path}:{n} (id {r.get('id')}): not a preference pair (needs messages ending with "
+                             "the chosen answer and meta.rejected_response); build the dataset with "
+                             "data.format: preference")
     return rows
 
 
@@ -58,8 +59,8 @@ def encode_pairs(tokenizer, records: list[dict], max_len: int, system_prompt: st
     for r in records:
         msgs = with_system_prompt(r["messages"], system_prompt)
         chosen = encode_chat(tokenizer, msgs, max_len)
-        rejected = encode_chat(tokenizer, [*msgs[:-1], {"role": "assistant", "content": r["meta"]["rejected_response"]}],
-                               max_len)
+        other = {"role": "assistant", "content": r["meta"]["rejected_response"]}
+        rejected = encode_chat(tokenizer, [*msgs[:-1], other], max_len)
         truncated += chosen.truncated or rejected.truncated
         if chosen.trained_tokens == 0 or rejected.trained_tokens == 0:
             dropped += 1
@@ -154,7 +155,8 @@ def pair_figures(losses, chosen_reward, rejected_reward) -> dict[str, float]:
 
 # -- before Ray ------------------------------------------------------------------------------------
 UNSUPPORTED = {"deepspeed": "DPO runs on DDP (remove train.deepspeed)",
-               "early_stopping_patience": "DPO has no early stopping yet (remove it; eval_every still reports dev pairs)",
+               "early_stopping_patience": "DPO has no early stopping yet (remove it; eval_every still "
+                                          "reports dev pairs)",
                "save_every": "DPO writes only its final checkpoint (remove it)"}
 
 
@@ -296,7 +298,8 @@ def dpo_loop(config: dict) -> None:
         sums = dict.fromkeys(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), 0.0)
         for b in micro:
             ref = reference.logps(b, average=average)
-            losses, cr, rr = preference_loss(sequence_logps(run_model, b, average=average), ref, beta=d.beta, loss=d.loss)
+            losses, cr, rr = preference_loss(sequence_logps(run_model, b, average=average), ref, beta=d.beta,
+                                             loss=d.loss)
             (losses.sum() * world / max(n_global, 1.0)).backward()  # DDP averages over world: a global mean
             sums = {key: sums[key] + v for key, v in pair_figures(losses, cr, rr).items()}
         lr = lr_at(step, total_steps, t)
