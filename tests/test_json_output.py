@@ -108,23 +108,24 @@ def test_every_long_command_prints_one_json_object(tmp_path, tiny_model, ray_hea
         "eval": {"engine": "hf", "max_new_tokens": 4, "bootstrap": 0},
         "gates": [{"metric": "token_f1", "eval_set": "golden", "min": 0.0}]}))
     s = str(spec)
+    env = {**ray_head_env, "CRUCIBLE_REGISTRY": f"file://{tmp_path / 'registry'}"}  # eval, gate, predict
 
-    ds, _ = crucible("factory", s, cwd=tmp_path, env=ray_head_env)
+    ds, _ = crucible("factory", s, cwd=tmp_path, env=env)
     assert ds["dataset"].startswith("dataset-echo-")
-    trained, stderr = crucible("train", s, cwd=tmp_path, env=ray_head_env)
+    trained, stderr = crucible("train", s, cwd=tmp_path, env=env)
     assert trained["steps"] == 2 and trained["model"].startswith("model-echo-")
     assert "[crucible train]" in stderr  # the worker's log lines still reach the terminal, on stderr
-    ev, _ = crucible("eval", s, "--model", trained["model"], cwd=tmp_path, env=ray_head_env)
+    ev, _ = crucible("eval", s, "--model", trained["model"], cwd=tmp_path, env=env)
     assert ev["eval"].startswith("eval-echo-")
-    verdict, _ = crucible("gate", ev["eval"], cwd=tmp_path, env=ray_head_env)
+    verdict, _ = crucible("gate", ev["eval"], cwd=tmp_path, env=env)
     assert verdict["passed"] is True
     verdict, _ = crucible("gate", ev["eval"], s, "--set", "gates=[{metric: token_f1, eval_set: golden, min: 1.1}]",
-                          cwd=tmp_path, env=ray_head_env, code=1)
+                          cwd=tmp_path, env=env, code=1)
     assert verdict["passed"] is False  # a failed gate: exit 1, the verdict is still the one object
     pred, _ = crucible("predict", trained["model"], "--input", str(tmp_path / "golden.jsonl"),
-                       "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", cwd=tmp_path, env=ray_head_env)
+                       "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", cwd=tmp_path, env=env)
     assert pred["n"] == 3 == len((tmp_path / "out.jsonl").read_text().splitlines())
-    loop, _ = crucible("run", s, "--until", "gate", cwd=tmp_path, env=ray_head_env)
+    loop, _ = crucible("run", s, "--until", "gate", cwd=tmp_path, env=env)
     assert list(loop["steps"]) == ["factory", "train", "eval", "gate"]
-    bad, _ = crucible("train", s, "--set", "train.lr=-1", cwd=tmp_path, env=ray_head_env, code=2)
+    bad, _ = crucible("train", s, "--set", "train.lr=-1", cwd=tmp_path, env=env, code=2)
     assert "train.lr" in " ".join(bad["details"])
