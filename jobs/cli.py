@@ -251,9 +251,9 @@ _register_stages()
 
 
 def main() -> None:
-    from infra.ray_env import prepare_local_env
+    from jobs.common import program_start
 
-    prepare_local_env()  # before any stage imports ray
+    program_start()  # before any stage imports ray
     try:
         app()
     except KeyboardInterrupt:

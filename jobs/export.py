@@ -131,28 +131,9 @@ def merge_cmd(ref: str = typer.Argument(..., metavar="RUN_OR_MODEL", help="A tra
     names the adapter model and the run it came from, so `registry show --lineage` walks back.
     `--json` prints {"model", "merged_from", "run", "parameters"}.
     """
-    import tempfile
+    from pipelines.export import merge_registered
 
-    from pipelines.export import export
-
-    reg = open_registry(registry)
-    m = reg.get(ref)
-    if m.kind == "run":
-        found = [x for x in reg.list("model", m.task) if x.inputs.get("run") == m.id]
-        if not found:
-            raise ValueError(f"{ref}: run {m.id} registered no model")
-        m = found[-1]
-    elif m.kind != "model":
-        raise ValueError(f"{ref}: is a {m.kind}; give a run or a model")
-    if m.metadata.get("method") == "full" or "adapter_config.json" not in m.files:
-        raise ValueError(f"{m.id}: has no LoRA adapter to merge (it is a full model already)")
-    with tempfile.TemporaryDirectory(prefix="crucible-merge-") as tmp:
-        info = export(m.id, tmp, fmt="safetensors", registry=reg)
-        merged = reg.add_directory("model", m.task, tmp, inputs={"merged_from": m.id, "run": m.inputs.get("run"),
-                                                                 "dataset": m.inputs.get("dataset"),
-                                                                 "base_model": m.inputs.get("base_model")},
-                                   metadata={**{k: v for k, v in m.metadata.items() if k != "method"},
-                                             "method": "merged-lora", "parameters": info["parameters"]})
+    merged, m, info = merge_registered(open_registry(registry), ref)
     result = {"model": merged.id, "merged_from": m.id, "run": m.inputs.get("run"), "parameters": info["parameters"]}
     emit(result, as_json, lambda: out.print(f"registered [bold]{merged.id}[/bold]: {m.id} merged into its base "
                                             f"({info['parameters']:,} parameters)", highlight=False))

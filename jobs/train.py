@@ -21,7 +21,9 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
               set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Fine-tune model.base on a registered dataset with Ray Train; register a run and a model.
 
-    The train section decides how: method lora / qlora (GPU only) / full, workers,
+    The train section decides how: method lora / qlora (GPU only) / full, or dpo (preference
+    pairs from a data.format: preference dataset; train.dpo: beta, loss sigmoid|ipo|hinge, weights
+    lora|full; model.base may be an SFT run), workers,
     use_gpu, deepspeed.stage 0-3 (absent: plain DDP), packing, lr with warmup + cosine, max_steps or
     epochs, micro_batch_size × grad_accum, eval_every / early_stopping_patience on dev loss,
     save_every for checkpoints. Only assistant tokens (and their EOS) are trained on.
@@ -35,7 +37,7 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
       crucible train spec.yaml --resume run-mytask-20260101120000-abcd1234
 
     --json prints: run, model, first_loss, final_loss, dev_loss, tokens_per_s, real_token_share,
-    steps, wall_seconds, peak_rss_mb.
+    steps, wall_seconds, peak_rss_mb; for dpo also dpo {dev_before, dev_after: margin, accuracy, ...}.
     """
     from pipelines.spec import load_spec
     from pipelines.train import run
@@ -47,7 +49,15 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
     payload = {"run": result["run"].id, "model": result["model"].id, **{k: s[k] for k in (
         "first_loss", "final_loss", "dev_loss", "best_dev_loss", "tokens_per_s", "real_token_share", "steps",
         "stopped_early", "wall_seconds", "train_seconds", "peak_rss_mb", "method", "workers", "deepspeed_stage",
-        "template")}}
+        "template")}, **({"dpo": s["dpo"]} if "dpo" in s else {})}
+
+    def dpo_line() -> str:
+        if "dpo" not in s or not s["dpo"]["dev_after"]:
+            return ""
+        b, a = s["dpo"]["dev_before"], s["dpo"]["dev_after"]
+        return (f"  dev pairs: reward margin {b['margin']:+.3f} → {a['margin']:+.3f}, "
+                f"accuracy {b['accuracy']:.1%} → {a['accuracy']:.1%}\n")
+
     emit(payload, as_json, lambda: out.print(
         f"trained {s['steps']} steps ({s['method']}, {s['workers']} worker(s)"
         + (f", ZeRO-{s['deepspeed_stage']}" if s["deepspeed_stage"] is not None else "") + ")\n"
@@ -55,7 +65,7 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
         + (f", dev {s['dev_loss']:.4f}" if s["dev_loss"] is not None else "")
         + (" (stopped early)" if s["stopped_early"] else "") + "\n"
         f"  {s['tokens_per_s']:,.0f} tokens/s, {s['real_token_share']:.1%} real tokens, "
-        f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n"
+        f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n" + dpo_line() +
         f"  run   [bold]{result['run'].id}[/bold] (loss.png, checkpoint)\n"
         f"  model [bold]{result['model'].id}[/bold]", highlight=False))
 

@@ -26,6 +26,39 @@ GGUF_QUANTS = ("f16", "f32", "q8_0")
 SAFETENSORS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
+# -- merge -----------------------------------------------------------------------------------------
+def merge_registered(registry, ref: str, *, reuse: bool = False):
+    """Merge a registered LoRA model (or a run's model) into its base and register the merged model.
+
+    Returns (merged manifest, adapter model manifest, export info). ``reuse``: an earlier merge of
+    the same adapter is returned instead of merging again (DPO starting from an SFT run does this).
+    """
+    import tempfile
+
+    m = registry.get(ref)
+    if m.kind == "run":
+        found = [x for x in registry.list("model", m.task) if x.inputs.get("run") == m.id]
+        if not found:
+            raise ValueError(f"{ref}: run {m.id} registered no model")
+        m = found[-1]
+    elif m.kind != "model":
+        raise ValueError(f"{ref}: is a {m.kind}; give a run or a model")
+    if m.metadata.get("method") == "full" or "adapter_config.json" not in m.files:
+        raise ValueError(f"{m.id}: has no LoRA adapter to merge (it is a full model already)")
+    if reuse:
+        done = [x for x in registry.list("model", m.task) if x.inputs.get("merged_from") == m.id]
+        if done:
+            return done[-1], m, {"parameters": done[-1].metadata.get("parameters"), "reused": True}
+    with tempfile.TemporaryDirectory(prefix="crucible-merge-") as tmp:
+        info = export(m.id, tmp, fmt="safetensors", registry=registry)
+        merged = registry.add_directory("model", m.task, tmp, inputs={"merged_from": m.id, "run": m.inputs.get("run"),
+                                                                      "dataset": m.inputs.get("dataset"),
+                                                                      "base_model": m.inputs.get("base_model")},
+                                        metadata={**{k: v for k, v in m.metadata.items() if k != "method"},
+                                                  "method": "merged-lora", "parameters": info["parameters"]})
+    return merged, m, info
+
+
 # -- export ----------------------------------------------------------------------------------------
 def export(ref: str, out: str | Path, *, fmt: str, quant: str | None = None, registry=None,
            name: str | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:

@@ -211,8 +211,18 @@ class DeepSpeed(Strict):
         return self
 
 
+class DPO(Strict):
+    """Direct preference optimisation (train.method: dpo) on the dataset's chosen/rejected pairs."""
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference model")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="sigmoid (DPO), ipo (squared, "
+                                                      "length-normalised log-probs) or hinge (SLiC)")
+    weights: Literal["lora", "full"] = Field("lora", description="train LoRA adapters (the reference is the "
+                                             "base with them disabled) or every weight (a frozen copy is the "
+                                             "reference)")
+
+
 class Train(Strict):
-    method: Literal["lora", "qlora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full", "dpo"] = "lora"
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (see STACK-NOTES)")
@@ -237,6 +247,7 @@ class Train(Strict):
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
     lora: LoRA = Field(default_factory=LoRA)
     deepspeed: DeepSpeed | None = None
+    dpo: DPO = Field(default_factory=DPO)
 
     @model_validator(mode="after")
     def _qlora_needs_gpu(self) -> "Train":

@@ -21,7 +21,7 @@ def invoke(*args, code=0):
 
 
 def jline(r) -> dict:
-    return json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
+    return json.loads(r.stdout)  # --json: stdout is exactly one object
 
 
 def rows(n, start=0):

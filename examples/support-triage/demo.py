@@ -39,8 +39,7 @@ def sh(*args: str, capture_json: bool = False, check: bool = True) -> dict | Non
     if check and proc.returncode != 0:
         sys.exit(f"demo stopped: `crucible {args[0]}` exited {proc.returncode}")
     if capture_json:
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-        return json.loads(lines[-1]) if lines else None
+        return json.loads(proc.stdout)  # --json prints exactly one object (everything else goes to stderr)
     return None
 
 

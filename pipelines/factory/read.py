@@ -326,13 +326,20 @@ def _from_preference(item: dict) -> dict:
     if "chosen" not in item:
         raise Malformed("missing_role", "preference row without 'chosen'")
     prompt = item.get("prompt")
-    msgs = _messages(prompt + [{"role": "assistant", "content": item["chosen"]}]) if isinstance(prompt, list) else \
-        [{"role": "user", "content": _text(prompt, "prompt")},
-         {"role": "assistant", "content": _text(item["chosen"], "chosen")}]
+    if prompt is None and "instruction" in item:  # Alpaca-style pairs: instruction (+ input) is the prompt
+        keep = {k: item[k] for k in ("instruction", "input", "system") if k in item}
+        msgs = _from_instruction({**keep, "output": _text(item["chosen"], "chosen")})["messages"]
+    elif isinstance(prompt, list):
+        msgs = _messages(prompt + [{"role": "assistant", "content": item["chosen"]}])
+    else:
+        msgs = [{"role": "user", "content": _text(prompt, "prompt")},
+                {"role": "assistant", "content": _text(item["chosen"], "chosen")}]
     _check_roles(msgs)
     meta = _meta(item)
     if "rejected" in item:
-        meta["rejected_response"] = item["rejected"]
+        meta["rejected_response"] = _text(item["rejected"], "rejected")
+    meta.update({k: v for k, v in item.items() if k not in ("prompt", "instruction", "input", "system", "chosen",
+                                                            "rejected", "id", "meta", "source")})
     return {"messages": msgs, "meta": meta}
 
 

@@ -61,6 +61,10 @@ def preflight(spec, registry, dataset_ref: str | None) -> dict:
     folder = registry.materialize(dataset)
     if not (folder / "train.jsonl").exists():
         raise ValueError(f"dataset {dataset}: has no train.jsonl")
+    if spec.train.method == "dpo":  # preference pairs; an SFT run as model.base is merged first
+        from pipelines.train.dpo import preflight as dpo_preflight
+
+        return {"dataset": dataset, **dpo_preflight(spec, registry, folder)}
     base = resolve_model(spec.model.base, registry, gguf_file=spec.model.gguf_file)
     if base.adapter:
         raise ValueError(f"model.base: {spec.model.base} is a LoRA adapter; merge it first or name its base")
@@ -74,10 +78,16 @@ def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | Non
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from infra.ray_env import ensure_ray
+    from pipelines.train.dpo import dpo_loop
     from pipelines.train.loop import train_loop
 
     t = spec.train
     pre = preflight(spec, registry, dataset_ref)
+    if t.method == "dpo" and resume_run:
+        raise ValueError("--resume: DPO runs write only a final checkpoint; start a new run")
+    worker_spec = spec.to_dict()
+    if pre.get("base_ref"):  # DPO: the resolved (merged) base, what the adapter will name
+        worker_spec["model"] = {**worker_spec["model"], "base": pre["base_ref"]}
     parent = registry.get(resume_run) if resume_run else None
     if parent is not None and (parent.kind != "run" or "checkpoint/state.json" not in parent.files):
         raise ValueError(f"--resume {resume_run}: not a run with a checkpoint")
@@ -86,8 +96,8 @@ def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | Non
     name = f"{spec.task}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec.to_dict(), "registry": registry.uri, "dataset": pre["dataset"],
+        dpo_loop if t.method == "dpo" else train_loop,
+        train_loop_config={"spec": worker_spec, "registry": registry.uri, "dataset": pre["dataset"],
                            "resume_run": parent.id if parent else None, "fault": fault},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -126,12 +136,15 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
         "workers": spec.train.workers, "method": spec.train.method, "packing": spec.train.packing,
         "deepspeed_stage": spec.train.deepspeed.stage if spec.train.deepspeed else None,
         "template": state.get("template"), "data": state.get("data"), "ray_run": name,
+        **({"dpo": state["dpo"]} if state.get("dpo") else {}),
     }
     curves = {"train": [[h["step"], h["loss"]] for h in hist], "dev": [[d["step"], d["loss"]] for d in dev]}
     png = loss_curves_png([tuple(p) for p in curves["train"]], [tuple(p) for p in curves["dev"]])
     ckpt_files = {f"checkpoint/{p.name}": p for p in folder.iterdir() if p.is_file()}
-    inputs = {"spec_hash": spec.spec_hash(), "dataset": pre["dataset"], "base_model": spec.model.base,
-              **({"parent_run": parent.id} if parent else {})}
+    inputs = {"spec_hash": spec.spec_hash(), "dataset": pre["dataset"],
+              "base_model": pre.get("base_ref") or spec.model.base,  # DPO: the merged SFT model
+              **({"parent_run": parent.id} if parent else {}),
+              **({"merged_from": pre["merged_from"]} if pre.get("merged_from") else {})}
     run_m = registry.create("run", spec.task, files={**ckpt_files, "loss.png": png,
                                                      "metrics.json": json.dumps({**summary, "curves": curves,
                                                                                  "history": hist}).encode(),
