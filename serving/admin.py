@@ -7,7 +7,6 @@ the ``Router`` deployment (``serving.router``); its routes are on ``routes``, in
 router's FastAPI app.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json

@@ -7,7 +7,6 @@ metrics, the request log) and answers, as one JSON body or as server-sent events
 answer is an ``APIError`` (``serving.errors``). Admin routes are ``serving.admin``.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -30,6 +29,46 @@ api = FastAPI(title="crucible", docs_url=None, redoc_url=None)
 api.include_router(routes)
 
 
+class Call:
+    """One request on its way through the router: where it goes, and its accounting when done
+    (live stats, metrics, request log, the shadow's pairing, the policy), the same for a JSON answer
+    and a stream."""
+
+    def __init__(self, router: "Router", role: str, messages: list[dict], params: dict, key: str | None, *,
+                 stream: bool, tools: bool):
+        self.router, self.role, self.messages, self.params = router, role, messages, params
+        self.ref = router.models[role]
+        self.stream, self.tools = stream, tools
+        self.user_hash = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+        self.start = time.perf_counter()
+        self.primary_done = asyncio.get_running_loop().create_future()
+        self.mirrored = bool(router.models["shadow"]) and router._mirror(messages, params, self.primary_done)
+
+    async def finish(self, answer: str | None, status: int, message: str, *, completion_tokens: int = 0,
+                     alternatives: list[str] | None = None):
+        r = self.router
+        latency = time.perf_counter() - self.start
+        verdict = r.checker.check(answer) if answer is not None else None
+        valid = verdict.valid if verdict else None
+        if status < 400 or status >= 500:  # a client's bad request says nothing about the model
+            r.stats[self.role].record(status == 200, valid, latency)
+        r.metrics.observe(role=self.role, model=self.ref, status=status, valid=valid, latency_s=latency,
+                          completion_tokens=completion_tokens, stream=self.stream)
+        row = dict(messages=self.messages, answer=answer, model=self.ref, role=self.role, latency_ms=latency * 1000,
+                   valid=valid, reason=verdict.reason if verdict else message, status=status,
+                   user_hash=self.user_hash)
+        if alternatives:
+            row["alternatives"] = alternatives
+        if not self.primary_done.done():
+            self.primary_done.set_result(row)
+        if not self.mirrored:  # else the shadow task logs both answers side by side
+            r._log(row)
+        if self.role == "canary":
+            await r._maybe_act()
+        return verdict
+
+
+# Defined after Call: Serve captures the class (and the module globals it uses) when it is decorated.
 @serve.deployment(graceful_shutdown_timeout_s=30)
 @serve.ingress(api)
 class Router(AdminRoutes):
@@ -111,9 +150,11 @@ class Router(AdminRoutes):
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         prod = self.models["production"]
+        start = time.perf_counter()
         if self.in_flight >= self.cfg.max_concurrency:
             self.rejected += 1
-            return overloaded(f"overloaded: {self.in_flight} requests in flight; retry shortly").response(prod)
+            return self._refused(overloaded(f"overloaded: {self.in_flight} requests in flight; retry shortly"),
+                                 start)
         self.in_flight += 1
         self.metrics.set_in_flight(self.in_flight)
         handed_over = False  # a stream releases its in-flight slot when it ends
@@ -122,13 +163,20 @@ class Router(AdminRoutes):
             handed_over = isinstance(answer, StreamingResponse)
             return answer
         except APIError as e:
-            return e.response(getattr(e, "model", None) or prod)
+            return self._refused(e, start) if e.model is None else e.response(e.model)
         except Exception as e:  # noqa: BLE001 - a bug here must still answer, with the header
             log.exception("router error")
             return APIError(500, f"router error: {type(e).__name__}: {e}", code="router_error").response(prod)
         finally:
             if not handed_over:
                 self._release_slot()
+
+    def _refused(self, err: APIError, start: float):
+        """An answer given before any model was chosen (overload, a bad request): counted under role
+        ``none``; those that reached a model are counted by ``Call.finish``."""
+        self.metrics.observe(role="none", model=None, status=err.status, valid=None,
+                             latency_s=time.perf_counter() - start, completion_tokens=0, stream=False)
+        return err.response(self.models["production"])
 
     def _release_slot(self) -> None:
         self.in_flight -= 1
@@ -336,42 +384,3 @@ class Router(AdminRoutes):
             await asyncio.to_thread(self.log.flush)
         except Exception:  # noqa: BLE001
             pass
-
-
-class Call:
-    """One request on its way through the router: where it goes, and its accounting when done
-    (live stats, metrics, request log, the shadow's pairing, the policy), the same for a JSON answer
-    and a stream."""
-
-    def __init__(self, router: Router, role: str, messages: list[dict], params: dict, key: str | None, *,
-                 stream: bool, tools: bool):
-        self.router, self.role, self.messages, self.params = router, role, messages, params
-        self.ref = router.models[role]
-        self.stream, self.tools = stream, tools
-        self.user_hash = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
-        self.start = time.perf_counter()
-        self.primary_done = asyncio.get_running_loop().create_future()
-        self.mirrored = bool(router.models["shadow"]) and router._mirror(messages, params, self.primary_done)
-
-    async def finish(self, answer: str | None, status: int, message: str, *, completion_tokens: int = 0,
-                     alternatives: list[str] | None = None):
-        r = self.router
-        latency = time.perf_counter() - self.start
-        verdict = r.checker.check(answer) if answer is not None else None
-        valid = verdict.valid if verdict else None
-        if status < 400 or status >= 500:  # a client's bad request says nothing about the model
-            r.stats[self.role].record(status == 200, valid, latency)
-        r.metrics.observe(role=self.role, model=self.ref, status=status, valid=valid, latency_s=latency,
-                          completion_tokens=completion_tokens, stream=self.stream)
-        row = dict(messages=self.messages, answer=answer, model=self.ref, role=self.role, latency_ms=latency * 1000,
-                   valid=valid, reason=verdict.reason if verdict else message, status=status,
-                   user_hash=self.user_hash)
-        if alternatives:
-            row["alternatives"] = alternatives
-        if not self.primary_done.done():
-            self.primary_done.set_result(row)
-        if not self.mirrored:  # else the shadow task logs both answers side by side
-            r._log(row)
-        if self.role == "canary":
-            await r._maybe_act()
-        return verdict

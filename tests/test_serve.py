@@ -67,9 +67,8 @@ def app(ray_local, tmp_path_factory, gpt2_tokenizer):
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 ROUTE_TOOL = {"type": "function", "function": {
     "name": "route_ticket", "description": "send a ticket to a queue",
-    "parameters": {"type": "object", "properties": {"queue": {"enum": ["billing", "shipping", "returns"]},
-                                                    "urgent": {"type": "boolean"}},
-                   "required": ["queue", "urgent"], "additionalProperties": False}}}
+    "parameters": {"type": "object", "properties": {"queue": {"enum": ["billing", "shipping", "returns"]}},
+                   "required": ["queue"], "additionalProperties": False}}}
 
 
 def chat(client, user="u", content="hello there", **kw):
@@ -283,7 +282,7 @@ def test_openai_json_schema_tools_n_logprobs_stop_seed(app, oai):
     import jsonschema
 
     for stream in (False, True):
-        kw = dict(model=prod, messages=ask("my parcel is late"), max_tokens=60, tools=[ROUTE_TOOL],
+        kw = dict(model=prod, messages=ask("my parcel is late"), max_tokens=64, tools=[ROUTE_TOOL],
                   tool_choice="required")
         if stream:
             chunks = list(oai.chat.completions.create(**kw, stream=True))
@@ -364,7 +363,7 @@ def test_sticky_ids_and_streamed_requests_in_the_log(app):
     assert c.post("/admin/flush", headers=ADMIN).status_code == 200  # drain the mirror: none of these is skipped
     served = {}
     for i in range(12):
-        body = {"model": TASK, "messages": ask(f"streamed question {i}"), "max_tokens": 4, "stream": True,
+        body = {"model": TASK, "messages": ask(f"streamed ask {i}"), "max_tokens": 4, "stream": True,
                 "safety_identifier": f"sid-{i}"}
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -377,10 +376,10 @@ def test_sticky_ids_and_streamed_requests_in_the_log(app):
     from serving.requestlog import read_request_logs
 
     rows = {r["messages"][0]["content"]: r for r in read_request_logs(app["reg"], TASK)
-            if r["messages"][0]["content"].startswith("streamed question")}
+            if r["messages"][0]["content"].startswith("streamed ask")}
     assert len(rows) == 12
     for i, (model, text) in served.items():
-        row = rows[f"streamed question {i}"]
+        row = rows[f"streamed ask {i}"]
         assert row["model"] == model and row["status"] == 200 and row["messages"][-1]["content"] == text
         assert row["shadow"]["model"] == refs["shadow"]  # mirrored like any other request
 
@@ -496,7 +495,9 @@ def test_prometheus_metrics_on_rays_metrics_port(app):
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:  # Ray exports every few seconds
         text = httpx.get(url, timeout=10).text
-        if "ray_crucible_requests" in text and 'status="502"' in text and 'stream="true"' in text:
+        ok = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("ray_crucible_requests") and 'status="200"' in line and 'role="shadow"' not in line)
+        if ok >= 60 and 'status="502"' in text and 'status="503"' in text:
             break
         time.sleep(2)
     lines = [line for line in text.splitlines() if line.startswith("ray_crucible_")]
@@ -505,13 +506,15 @@ def test_prometheus_metrics_on_rays_metrics_port(app):
     def value(line):
         return float(line.rsplit(" ", 1)[1])
     ok = [line for line in requests if 'status="200"' in line and 'role="shadow"' not in line]
-    assert sum(value(line) for line in ok) >= 100  # this module sends far more than that
+    assert sum(value(line) for line in ok) >= 60  # this module sends more than that
     assert any(f'model="{refs["production"]}"' in line and 'role="production"' in line for line in ok)
     assert any(f'model="{refs["broken"]}"' in line and 'role="canary"' in line and 'status="502"' in line
                for line in requests)
     assert any('role="shadow"' in line for line in requests)
     assert any('valid="false"' in line for line in requests)  # random models break the tool-call contract
     assert any('stream="true"' in line for line in requests)
+    assert any('status="503"' in line and 'role="none"' in line for line in requests)  # the burst's overload
+    assert any('status="400"' in line for line in requests)
     assert any(line.startswith("ray_crucible_request_latency_seconds_bucket{") and 'le="+Inf"' in line
                for line in lines)
     assert any(line.startswith("ray_crucible_completion_tokens") for line in lines)
