@@ -114,12 +114,18 @@ class ModelReplica:
         # Not under self.lock: a stream is its own generate call, and holding the lock for the whole
         # stream would stall every batched request behind it.
         it = self.engine.stream(with_system_prompt(messages, self.system_prompt), gen_params(params))
-        while (item := await asyncio.to_thread(next, it, None)) is not None:
-            if isinstance(item, str):
-                yield {"delta": item}
-            else:
-                yield {"finish_reason": item.finish_reason, "completion_tokens": item.completion_tokens,
-                       "prompt_tokens": item.prompt_tokens}
+        try:
+            while (item := await asyncio.to_thread(next, it, None)) is not None:
+                if isinstance(item, str):
+                    yield {"delta": item}
+                else:
+                    yield {"finish_reason": item.finish_reason, "completion_tokens": item.completion_tokens,
+                           "prompt_tokens": item.prompt_tokens}
+        finally:  # the router cancelled (its client went away): the engine stops at its next step
+            try:
+                it.close()
+            except ValueError:  # a step is running in its thread; dropping the generator closes it after
+                pass
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[tuple[list[dict], dict]]) -> list[dict]:

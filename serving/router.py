@@ -292,7 +292,6 @@ class Router(AdminRoutes):
             except StopAsyncIteration:
                 pass
             except Exception as e:  # noqa: BLE001 - the replica failed mid-stream: an error event ends it
-                gen.cancel()
                 err = from_replica_failure(e, self.cfg.request_timeout_s)
                 status, message = err.status, err.message
                 yield P.sse(json.dumps(err.body()))
@@ -310,6 +309,8 @@ class Router(AdminRoutes):
             yield P.sse("[DONE]")
             status, message = 200, ""
         finally:
+            if status != 200:
+                gen.cancel()  # the client went away: stop the replica generating for no one
             self._release_slot()
             # bookkeeping must not be cut short by a client that went away: its own task
             asyncio.get_running_loop().create_task(

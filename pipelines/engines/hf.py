@@ -94,11 +94,12 @@ class HFEngine:
                 tokens.put(None)
 
         result: dict = {}
+        closed = threading.Event()  # set when the consumer stops listening: generation ends at the next step
 
         def run():
             try:
                 torch.manual_seed(params.seed)
-                result["completion"] = self._generate_batch([ids], params, streamer=Handover())[0]
+                result["completion"] = self._generate_batch([ids], params, streamer=Handover(), cancel=closed)[0]
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 result["error"] = e
             finally:
@@ -108,13 +109,16 @@ class HFEngine:
         worker.start()
         row: list[int] = []
         sent = ""
-        while (new := tokens.get()) is not None:
-            row += [t for t in new if t not in self._eos_ids]
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            safe = _settled(text, params.stop)
-            if safe > len(sent) and text.startswith(sent):
-                yield text[len(sent):safe]
-                sent = text[:safe]
+        try:
+            while (new := tokens.get()) is not None:
+                row += [t for t in new if t not in self._eos_ids]
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                safe = _settled(text, params.stop)
+                if safe > len(sent) and text.startswith(sent):
+                    yield text[len(sent):safe]
+                    sent = text[:safe]
+        finally:  # also on close(): the consumer went away
+            closed.set()
         worker.join()
         if "error" in result:
             raise result["error"]
@@ -126,7 +130,8 @@ class HFEngine:
             final.text = sent
         yield final
 
-    def _generate_batch(self, batch_ids: list[list[int]], params: GenParams, streamer=None) -> list[Completion]:
+    def _generate_batch(self, batch_ids: list[list[int]], params: GenParams, streamer=None,
+                        cancel=None) -> list[Completion]:
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -140,8 +145,8 @@ class HFEngine:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width)
+        if params.stop or cancel is not None:
+            kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width, cancel)
         if streamer is not None:
             kw["streamer"] = streamer
         if params.logprobs is not None:  # raw logits: the model's own distribution, before any guide
@@ -227,8 +232,9 @@ def _settled(text: str, stops) -> int:
     return safe
 
 
-def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int):
-    """Stop each sequence once its decoded new text contains a stop string.
+def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int, cancel=None):
+    """Stop each sequence once its decoded new text contains a stop string (every sequence once
+    ``cancel``, a ``threading.Event``, is set).
 
     Decoding (rather than matching token ids, as transformers' ``stop_strings`` does) is exact
     however the tokenizer splits the string; the cost is one small decode per step and row.
@@ -238,6 +244,10 @@ def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int):
 
     class StopOnStrings(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
+            if cancel is not None and cancel.is_set():
+                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if not stops:
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
             return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
 
