@@ -243,8 +243,8 @@ class Router(AdminRoutes):
         out = []
         for i, c in enumerate(choices):
             calls = P.as_tool_calls(c["text"]) if call.tools else None
-            out.append(P.Choice(index=i, message=P.ResponseMessage(content=None if calls else c["text"], tool_calls=calls),
-                                finish_reason="tool_calls" if calls else c["finish_reason"],
+            message = P.ResponseMessage(content=None if calls else c["text"], tool_calls=calls)
+            out.append(P.Choice(index=i, message=message, finish_reason="tool_calls" if calls else c["finish_reason"],
                                 logprobs={"content": c["logprobs"]} if "logprobs" in c else None))
         body = P.ChatCompletion(id=P.new_id(), created=P.now(), model=call.ref, choices=out,
                                 usage=P.usage(result["prompt_tokens"], tokens),

@@ -76,3 +76,40 @@ def test_gate_verdict_is_the_newest_for_that_model(reg):
     assert release.gate_verdict(reg, TASK, a) is False
     reg.create("eval", TASK, inputs={"model": a}, metadata={"passed": True})
     assert release.gate_verdict(reg, TASK, a) is True
+
+
+def test_cli_offline_path_goes_through_release(reg, tmp_path):
+    """With no app running, `crucible deploy / promote / rollback / status` change the registry
+    through pipelines.release (the same events a running router writes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    crucible = Path(sys.executable).parent / "crucible"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"task": TASK, "model": {"base": "unused"}, "registry": reg.uri,
+                                    "deploy": {"port": 9}}))  # nothing listens on port 9: offline
+    env = {**os.environ, "CRUCIBLE_CACHE": str(tmp_path / "cache"), "CRUCIBLE_ADMIN_TOKEN": "t"}
+
+    def run(*args, code=0):
+        p = subprocess.run([str(crucible), *args, str(spec), "--json"], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == code, (args, p.stdout, p.stderr[-2000:])
+        return json.loads(p.stdout)
+
+    a, b = reg.refs["a"], reg.refs["b"]
+    assert run("deploy", "--model", a, "--as", "production")["live"] is False
+    assert run("deploy", "--model", b, "--as", "canary", "--weight", "0.3")["canary_weight"] == 0.3
+    refused = run("promote", code=1)  # no live metrics to judge by: only --force
+    assert "--force" in refused["error"]
+    promoted = run("promote", "--force")
+    assert (promoted["model"], promoted["previous"], promoted["live"]) == (b, a, False)
+    run("deploy", "--model", a, "--as", "canary")
+    assert run("rollback")["model"] == a
+    status = run("status")
+    assert status["running"] is False and status["models"] == {"production": b, "canary": None, "shadow": None}
+    assert [e["action"] for e in status["recent_events"]] == ["deploy", "deploy", "promote", "deploy", "rollback"]
