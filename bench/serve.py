@@ -168,9 +168,11 @@ def main() -> None:
 
 def measure(args, url: str, handle, spec, httpx) -> dict:
     """{"sequential": {path: summary}, "concurrent": {path: summary}, "same_answers": bool}."""
-    d = spec.deploy
-    params = {"max_tokens": args.max_tokens, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0,
-              "max_prompt_tokens": d.max_prompt_tokens}  # what Router._parse passes for these bodies
+    from serving.protocol import params_for, parse_request
+
+    # what the router passes the replica for these bodies, from the one place that decides it
+    params = params_for(parse_request({"model": TASK, "messages": [{"role": "user", "content": "x"}],
+                                       "max_tokens": args.max_tokens, "temperature": 0.0}), spec.deploy, None)
     prompts = [[{"role": "user", "content": f"Question {i}: what is {i} plus {i % 7}?"}] for i in range(args.n)]
 
     def body(path: str, messages: list[dict]) -> dict:
@@ -179,7 +181,7 @@ def measure(args, url: str, handle, spec, httpx) -> dict:
         return {"messages": messages, "params": params}
 
     def text_of(path: str, reply) -> str:
-        return reply["choices"][0]["message"]["content"] if path == "router" else reply["text"]
+        return reply["choices"][0]["message"]["content"] if path == "router" else reply["choices"][0]["text"]
 
     async def one(client: httpx.AsyncClient, path: str, messages: list[dict]) -> tuple[float, str]:
         t = time.perf_counter()

@@ -4,7 +4,7 @@
 ``ray start --head`` of its own, on 127.0.0.1, stopped again by ``serve --stop``) or on
 ``$RAY_ADDRESS``. The other commands talk to the running app's admin routes with
 ``$CRUCIBLE_ADMIN_TOKEN``; when no app is running they change the registry only (aliases plus an
-event), which the next ``serve`` picks up.
+event) through ``pipelines.release``, as the running router does, and the next ``serve`` picks it up.
 
 Also runs as ``python -m jobs.serve SPEC`` (same as ``crucible serve SPEC``).
 """
@@ -199,7 +199,7 @@ def register(app: typer.Typer) -> None:
         """Start (or update) the task's Serve app: production, plus canary and shadow when set."""
         overrides = (set_ or []) + ([f"deploy.host={host}"] if host else []) + ([f"deploy.port={port}"] if port else [])
         spec, reg = _load(spec_path, overrides, registry)
-        from serving.state import read_plan, record_event
+        from pipelines.release import read_plan, record_event
 
         if stop:
             result = _stop(spec)
@@ -236,12 +236,12 @@ def register(app: typer.Typer) -> None:
                    set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
         """Put a model in front of traffic as the canary (weighted split) or the shadow (mirrored)."""
         spec, reg = _load(spec_path, set_, registry)
-        from serving.state import deploy_in_registry, read_plan
+        from pipelines import release
 
         if as_ not in ("canary", "shadow", "production"):
             raise ValueError("--as: canary, shadow or production")
         ref = reg.get(model).id
-        plan = read_plan(reg, spec.task, spec.deploy.canary_weight)
+        plan = release.read_plan(reg, spec.task, spec.deploy.canary_weight)
         if as_ == "production" and plan["models"]["production"]:
             raise ValueError(f"{spec.task}@production is {plan['models']['production']}: deploy the new model "
                              "--as canary and promote it")
@@ -249,7 +249,8 @@ def register(app: typer.Typer) -> None:
         live = None if as_ == "production" else _admin(spec, "POST", "/admin/deploy",
                                                         {"model": ref, "as": as_, "weight": weight})
         if live is None:  # no app running: the registry alone, picked up by the next `crucible serve`
-            live = deploy_in_registry(reg, spec.task, ref, as_, weight)
+            live = release.deploy(reg, spec.task, ref, as_, weight if as_ == "canary" else None,
+                                  current_weight=plan["canary_weight"])
         emit(live, as_json, lambda: out.print(f"{ref} is now {as_}" + (f" at {weight:.0%}" if as_ == "canary" else "")
                                                + ("" if live.get("live", True) else " (registry only; no app running)"),
                                                highlight=False))
@@ -276,14 +277,9 @@ def register(app: typer.Typer) -> None:
         spec, reg = _load(spec_path, set_, registry)
         result = _admin(spec, "POST", "/admin/rollback", {})
         if result is None:
-            from serving.state import read_plan, record_event, set_role
+            from pipelines.release import rollback
 
-            canary = set_role(reg, spec.task, "canary", None)
-            if not canary:
-                raise ValueError(f"{spec.task}@canary is not set: nothing to roll back")
-            event = record_event(reg, spec.task, {"action": "rollback", "model": canary, "automatic": False},
-                                 read_plan(reg, spec.task, 0.0))
-            result = {"action": "rollback", "model": canary, "event": event, "live": False}
+            result = rollback(reg, spec.task, reasons=["requested by an operator"])
         else:
             result["deleted_app"] = _retire(spec, result)
         emit(result, as_json, lambda: out.print(f"rolled back {result['model']}", highlight=False))
@@ -294,7 +290,7 @@ def register(app: typer.Typer) -> None:
                    registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
         """Who serves what, the canary weight, live metrics and the policy's current decision."""
         spec, reg = _load(spec_path, set_, registry)
-        from serving.state import latest_events_manifest, read_plan
+        from pipelines.release import latest_events_manifest, read_plan
 
         live = None
         if os.environ.get("CRUCIBLE_ADMIN_TOKEN"):
@@ -307,21 +303,15 @@ def register(app: typer.Typer) -> None:
 
 
 def _offline_promote(spec, reg, force: bool) -> dict:
-    from serving.state import gate_verdict, read_plan, record_event, set_role
+    from pipelines import release
 
-    plan = read_plan(reg, spec.task, 0.0)
-    canary = plan["models"]["canary"]
+    canary = release.read_plan(reg, spec.task, 0.0)["models"]["canary"]
     if not canary:
         raise ValueError(f"{spec.task}@canary is not set: nothing to promote")
     if not force:
         raise CheckFailed("no app is running, so there are no live metrics to judge the canary by; "
-                          f"eval gate: {gate_verdict(reg, spec.task, canary)}; use --force to promote anyway")
-    previous = set_role(reg, spec.task, "production", canary)
-    set_role(reg, spec.task, "canary", None)
-    event = record_event(reg, spec.task, {"action": "promote", "model": canary, "previous": previous,
-                                          "automatic": False, "live": False, "reasons": ["forced offline"]},
-                         read_plan(reg, spec.task, 0.0))
-    return {"action": "promote", "model": canary, "previous": previous, "event": event, "live": False}
+                          f"eval gate: {release.gate_verdict(reg, spec.task, canary)}; use --force to promote anyway")
+    return release.promote(reg, spec.task, reasons=["forced offline"])
 
 
 def _print_status(r: dict) -> None:

@@ -105,11 +105,11 @@ def run_loop(spec, registry, *, until: str = "deploy", log: Callable[[str], None
             log("[deploy] skipped: the gate failed, production is untouched")
         return out
 
-    from serving.state import deploy_in_registry
+    from pipelines.release import deploy
 
     # The registry is the source of truth for who serves what: `crucible serve` (or a running
     # router's reload) picks the new canary up from here.
-    event = deploy_in_registry(registry, spec.task, model.id, "canary", spec.deploy.canary_weight)
+    event = deploy(registry, spec.task, model.id, "canary", spec.deploy.canary_weight)
     step("deploy", event["event"], False, canary=model.id, weight=spec.deploy.canary_weight)
     return out
 

@@ -32,13 +32,15 @@ def scrub_messages(messages: list[dict]) -> list[dict]:
 
 def make_row(*, messages: list[dict], answer: str | None, model: str, role: str, latency_ms: float,
              valid: bool | None, reason: str | None, status: int, user_hash: str | None,
-             shadow: dict | None = None) -> dict:
+             shadow: dict | None = None, alternatives: list[str] | None = None) -> dict:
     """One log row; ``messages`` ends with the answer as the assistant turn when there is one."""
     chat = scrub_messages(messages)
     if answer is not None:
         chat = chat + [{"role": "assistant", "content": scrub(answer)}]
     row = {"ts": time.time(), "model": model, "role": role, "status": status, "latency_ms": round(latency_ms, 2),
            "valid": valid, "reason": reason, "user": user_hash, "messages": chat}
+    if alternatives:  # the other choices of an n > 1 request
+        row["alternatives"] = [scrub(a) for a in alternatives]
     if shadow is not None:
         row["shadow"] = {**shadow, "answer": scrub(shadow.get("answer"))}
     return row

@@ -1,80 +1,387 @@
-"""Traffic decisions: the sticky canary split and the shadow mirror.
+"""The router: the OpenAI-compatible front of a task, on ``/``.
 
-The split hashes a stable key (the request's ``user``, else a session header, else nothing) into
-[0, 1) and sends the key to the canary when the point falls below the canary weight. The same key
-always lands on the same side for a given weight, and raising the weight only moves users from
-production to canary (never back), so a user never flips between models as a canary ramps up.
-Requests with no key are split at random: nothing to keep them sticky to.
+It parses a request (``serving.protocol``), picks production or the canary (``serving.traffic``),
+calls that model's replica over a Serve handle (``serving.replica``'s interface), mirrors to the
+shadow, checks the answer against the contract, counts it (live stats for the policy, Prometheus
+metrics, the request log) and answers, as one JSON body or as server-sent events. Every error
+answer is an ``APIError`` (``serving.errors``). Admin routes are ``serving.admin``.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
-import random
-from typing import Awaitable, Callable
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serving import protocol as P
+from serving.admin import AdminRoutes, routes
+from serving.errors import APIError, bad_request, from_replica_failure, overloaded
+from serving.replica import app_name
 
 log = logging.getLogger(__name__)
 
-SESSION_HEADERS = ("x-session-id", "x-crucible-session")
+api = FastAPI(title="crucible", docs_url=None, redoc_url=None)
+api.include_router(routes)
 
 
-def bucket(key: str, salt: str = "") -> float:
-    """A deterministic point in [0, 1) for ``key``; the salt (the task) decorrelates tasks."""
-    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+class Call:
+    """One request on its way through the router: where it goes, and its accounting when done
+    (live stats, metrics, request log, the shadow's pairing, the policy), the same for a JSON answer
+    and a stream."""
+
+    def __init__(self, router: "Router", role: str, messages: list[dict], params: dict, key: str | None, *,
+                 stream: bool, tools: bool):
+        self.router, self.role, self.messages, self.params = router, role, messages, params
+        self.ref = router.models[role]
+        self.stream, self.tools = stream, tools
+        self.user_hash = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
+        self.start = time.perf_counter()
+        self.primary_done = asyncio.get_running_loop().create_future()
+        self.mirrored = bool(router.models["shadow"]) and router._mirror(messages, params, self.primary_done)
+
+    async def finish(self, answer: str | None, status: int, message: str, *, completion_tokens: int = 0,
+                     alternatives: list[str] | None = None):
+        r = self.router
+        latency = time.perf_counter() - self.start
+        verdict = r.checker.check(answer) if answer is not None else None
+        valid = verdict.valid if verdict else None
+        if status < 400 or status >= 500:  # a client's bad request says nothing about the model
+            r.stats[self.role].record(status == 200, valid, latency)
+        r.metrics.observe(role=self.role, model=self.ref, status=status, valid=valid, latency_s=latency,
+                          completion_tokens=completion_tokens, stream=self.stream)
+        row = dict(messages=self.messages, answer=answer, model=self.ref, role=self.role, latency_ms=latency * 1000,
+                   valid=valid, reason=verdict.reason if verdict else message, status=status,
+                   user_hash=self.user_hash)
+        if alternatives:
+            row["alternatives"] = alternatives
+        if not self.primary_done.done():
+            self.primary_done.set_result(row)
+        if not self.mirrored:  # else the shadow task logs both answers side by side
+            r._log(row)
+        if self.role == "canary":
+            await r._maybe_act()
+        return verdict
 
 
-def sticky_key(body: dict, headers) -> str | None:
-    """Who the request is for: OpenAI's ``user`` field, else a session header, else None."""
-    user = body.get("user") if isinstance(body, dict) else None
-    if isinstance(user, str) and user:
-        return "user:" + user
-    for h in SESSION_HEADERS:
-        value = headers.get(h) if headers is not None else None
-        if value:
-            return "session:" + value
-    return None
+# Defined after Call: Serve captures the class (and the module globals it uses) when it is decorated.
+@serve.deployment(graceful_shutdown_timeout_s=30)
+@serve.ingress(api)
+class Router(AdminRoutes):
+    def __init__(self, spec: dict, plan: dict, registry_uri: str):
+        from pipelines.contract import Checker
+        from pipelines.guide import guide_for
+        from pipelines.spec import Spec
+        from serving.metrics import RouterMetrics
+        from serving.policy import LiveStats
+        from serving.requestlog import RequestLog
+        from serving.traffic import Mirror
 
+        self.spec = Spec.model_validate(spec)
+        self._handles: dict = {}  # model ref -> its app's handle (see _handle)
+        self.cfg = self.spec.deploy
+        self.task = self.spec.task
+        self.registry_uri = registry_uri
+        self.checker = Checker(self.spec.contract)
+        self.default_guide = guide_for(self.spec.contract)
+        self.models: dict[str, str | None] = dict(plan["models"])
+        self.weight = float(plan.get("canary_weight", 0.0))
+        self.stats = {role: LiveStats() for role in ("production", "canary", "shadow")}
+        self.metrics = RouterMetrics(self.task)
+        self.mirror = Mirror(limit=self.cfg.max_concurrency)
+        self.log = RequestLog(registry_uri, self.task, flush_rows=self.cfg.log_flush_rows)
+        self.in_flight = 0
+        self.rejected = 0
+        self.gate_cache: dict[str, tuple[float, bool | None]] = {}
+        self.admin_lock = asyncio.Lock()
+        self.last_decision: dict | None = None
+        self.created: dict[str, int] = {}  # model ref -> its manifest's creation time (for /v1/models)
 
-def choose(key: str | None, canary_weight: float, *, has_canary: bool, salt: str = "") -> str:
-    """``"canary"`` or ``"production"`` for one request."""
-    if not has_canary or canary_weight <= 0:
-        return "production"
-    point = bucket(key, salt) if key is not None else random.random()
-    return "canary" if point < canary_weight else "production"
+    # -- helpers -------------------------------------------------------------------------------
+    def _handle(self, ref: str):
+        # One handle per model app, kept: get_app_handle asks the controller (a blocking call, ~1 ms,
+        # inside the request path). A handle follows its app by name across redeploys.
+        if ref not in self._handles:
+            self._handles[ref] = serve.get_app_handle(app_name(self.task, ref))
+        return self._handles[ref]
 
+    def _registry(self):
+        from infra.registry import Registry
 
-class Mirror:
-    """Fire-and-forget background work (the shadow call) that can never touch the primary answer.
+        return Registry.open(self.registry_uri)
 
-    Tasks are kept referenced until done (asyncio holds only weak references to tasks), bounded in
-    number (a slow shadow must not pile up unbounded work: beyond ``limit`` the mirror is skipped
-    and counted), and every exception is swallowed and counted.
-    """
+    def _gate(self, ref: str) -> bool | None:
+        cached = self.gate_cache.get(ref)
+        if cached and time.time() - cached[0] < 30:
+            return cached[1]
+        from pipelines.release import gate_verdict
 
-    def __init__(self, limit: int = 64):
-        self.limit = limit
-        self.tasks: set[asyncio.Task] = set()
-        self.sent = self.skipped = self.failed = 0
+        verdict = gate_verdict(self._registry(), self.task, ref)
+        self.gate_cache[ref] = (time.time(), verdict)
+        return verdict
 
-    def submit(self, make: Callable[[], Awaitable[None]]) -> bool:
-        if len(self.tasks) >= self.limit:
-            self.skipped += 1
-            return False
-        self.sent += 1
-        task = asyncio.get_running_loop().create_task(self._guard(make))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return True
+    def _created(self, ref: str) -> int:
+        if ref not in self.created:
+            from datetime import datetime
 
-    async def _guard(self, make: Callable[[], Awaitable[None]]) -> None:
+            stamp = self._registry().get(ref).created_at
+            self.created[ref] = int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+        return self.created[ref]
+
+    # -- OpenAI-compatible routes ---------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self):
+        return JSONResponse({"status": "ok", "models": self.models},
+                            headers={"x-crucible-model": self.models["production"] or ""})
+
+    @api.get("/v1/models")
+    async def list_models(self):
+        served = [(role, ref) for role, ref in self.models.items() if ref and role != "shadow"]
+        created = await asyncio.to_thread(lambda: {ref: self._created(ref) for _, ref in served})
+        cards = [P.ModelCard(id=self.task, created=created.get(self.models["production"], P.now()))]
+        cards += [P.ModelCard(id=ref, created=created[ref], role=role) for role, ref in served]
+        return JSONResponse({"object": "list", "data": [c.model_dump(exclude_none=True) for c in cards]},
+                            headers={"x-crucible-model": self.models["production"] or ""})
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        prod = self.models["production"]
+        start = time.perf_counter()
+        if self.in_flight >= self.cfg.max_concurrency:
+            self.rejected += 1
+            return self._refused(overloaded(f"overloaded: {self.in_flight} requests in flight; retry shortly"),
+                                 start)
+        self.in_flight += 1
+        self.metrics.set_in_flight(self.in_flight)
+        handed_over = False  # a stream releases its in-flight slot when it ends
         try:
-            await make()
-        except Exception as e:  # noqa: BLE001 - a shadow failure is data, never an outage
-            self.failed += 1
-            log.warning("shadow call failed: %s", e)
+            answer = await self._chat(request)
+            handed_over = isinstance(answer, StreamingResponse)
+            return answer
+        except APIError as e:
+            return self._refused(e, start) if e.model is None else e.response(e.model)
+        except Exception as e:  # noqa: BLE001 - a bug here must still answer, with the header
+            log.exception("router error")
+            return APIError(500, f"router error: {type(e).__name__}: {e}", code="router_error").response(prod)
+        finally:
+            if not handed_over:
+                self._release_slot()
 
-    def stats(self) -> dict:
-        return {"sent": self.sent, "skipped": self.skipped, "failed": self.failed, "in_flight": len(self.tasks)}
+    def _refused(self, err: APIError, start: float):
+        """An answer given before any model was chosen (overload, a bad request): counted under role
+        ``none``; those that reached a model are counted by ``Call.finish``."""
+        self.metrics.observe(role="none", model=None, status=err.status, valid=None,
+                             latency_s=time.perf_counter() - start, completion_tokens=0, stream=False)
+        return err.response(self.models["production"])
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        self.metrics.set_in_flight(self.in_flight)
+
+    async def _read(self, request: Request) -> dict:
+        limit = self.cfg.max_body_bytes
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > limit:
+            raise APIError(413, f"request body is {size} bytes; the limit is {limit}", code="body_too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {limit}", code="body_too_large")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the body is not valid JSON: {e}") from None
+
+    async def _chat(self, request: Request):
+        from serving.traffic import choose, sticky_key
+
+        body = await self._read(request)
+        req = P.parse_request(body)
+        messages = req.chat()
+        if sum(len(m["content"]) for m in messages) > 8 * self.cfg.max_prompt_tokens:
+            raise bad_request(f"the prompt is far longer than max_prompt_tokens {self.cfg.max_prompt_tokens}",
+                              "messages")
+        contract = self.spec.contract
+        if req.tools and contract.type != "tool_call" and req.tool_choice != "none":
+            raise bad_request(f"'tools': this deployment's contract is {contract.type!r}; tool calls need a "
+                              "tool_call contract", "tools")
+        params = P.params_for(req, self.cfg, P.guide_for_request(req, contract, self.default_guide))
+        key = sticky_key(body, request.headers)
+        if req.model in (None, "", self.task):
+            role = choose(key, self.weight, has_canary=bool(self.models["canary"]), salt=self.task)
+        else:
+            role = next((r for r, ref in self.models.items() if ref == req.model and r != "shadow"), None)
+            if role is None:
+                raise APIError(404, f"model {req.model!r} is not served here; use {self.task!r} or one of "
+                                    f"{[m for r, m in self.models.items() if m and r != 'shadow']} (GET /v1/models)",
+                               param="model", code="model_not_found")
+        call = Call(self, role, messages, params, key, stream=req.stream,
+                    tools=req.tools_wanted(contract.type))
+        if req.stream:
+            return await self._stream(call, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        return await self._complete(call)
+
+    async def _complete(self, call: "Call"):
+        result = None
+        try:
+            result = await asyncio.wait_for(self._handle(call.ref).generate.remote(call.messages, dict(call.params)),
+                                            timeout=self.cfg.request_timeout_s)
+            if "error" in result:
+                raise APIError(result["status"], result["error"], param=result.get("param"))
+        except Exception as e:  # noqa: BLE001 - a replica error is an answer, never an outage
+            err = e if isinstance(e, APIError) else from_replica_failure(e, self.cfg.request_timeout_s)
+            await call.finish(None, err.status, err.message)
+            err.model = call.ref
+            raise err from None
+        choices = result["choices"]
+        tokens = sum(c["completion_tokens"] for c in choices)
+        verdict = await call.finish(choices[0]["text"], 200, "", completion_tokens=tokens,
+                                    alternatives=[c["text"] for c in choices[1:]])
+        out = []
+        for i, c in enumerate(choices):
+            calls = P.as_tool_calls(c["text"]) if call.tools else None
+            message = P.ResponseMessage(content=None if calls else c["text"], tool_calls=calls)
+            out.append(P.Choice(index=i, message=message, finish_reason="tool_calls" if calls else c["finish_reason"],
+                                logprobs={"content": c["logprobs"]} if "logprobs" in c else None))
+        body = P.ChatCompletion(id=P.new_id(), created=P.now(), model=call.ref, choices=out,
+                                usage=P.usage(result["prompt_tokens"], tokens),
+                                crucible={"role": call.role, "valid": verdict.valid, "reason": verdict.reason})
+        return JSONResponse(body.model_dump(exclude_none=True), headers={"x-crucible-model": call.ref})
+
+    async def _stream(self, call: "Call", include_usage: bool):
+        """Answer as server-sent events. The first replica item (the prompt's size, or an error such as
+        a prompt over the limit) is awaited before answering, so such errors still get a JSON status."""
+        gen = self._handle(call.ref).options(stream=True).stream.remote(call.messages, dict(call.params))
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.request_timeout_s)
+            if "error" in first:
+                raise APIError(first["status"], first["error"], param=first.get("param"))
+        except Exception as e:  # noqa: BLE001
+            err = e if isinstance(e, APIError) else from_replica_failure(e, self.cfg.request_timeout_s)
+            gen.cancel()
+            await call.finish(None, err.status, err.message)
+            err.model = call.ref
+            raise err from None
+        return StreamingResponse(self._events(call, gen, first["prompt_tokens"], include_usage),
+                                 media_type="text/event-stream", headers={"x-crucible-model": call.ref})
+
+    async def _events(self, call: "Call", gen, prompt_tokens: int, include_usage: bool):
+        cid, created = P.new_id(), P.now()
+
+        def chunk(delta: P.Delta | None = None, finish: str | None = None, usage=None) -> bytes:
+            choices = [] if delta is None else [P.ChunkChoice(delta=delta, finish_reason=finish)]
+            return P.sse(P.ChatCompletionChunk(id=cid, created=created, model=call.ref, choices=choices, usage=usage))
+
+        parts: list[str] = []
+        finish, tokens, status, message = None, 0, 499, "the client went away mid-stream"
+        try:
+            yield chunk(P.Delta(role="assistant", content=""))
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            try:
+                while True:
+                    item = await asyncio.wait_for(gen.__anext__(), timeout=max(0.01, deadline - time.monotonic()))
+                    if "delta" in item:
+                        parts.append(item["delta"])
+                        if not call.tools:  # a tool call is sent whole, once its JSON is complete
+                            yield chunk(P.Delta(content=item["delta"]))
+                    else:
+                        finish, tokens = item["finish_reason"], item["completion_tokens"]
+            except StopAsyncIteration:
+                pass
+            except Exception as e:  # noqa: BLE001 - the replica failed mid-stream: an error event ends it
+                err = from_replica_failure(e, self.cfg.request_timeout_s)
+                status, message = err.status, err.message
+                yield P.sse(json.dumps(err.body()))
+                return
+            text = "".join(parts)
+            calls = P.as_tool_calls(text) if call.tools else None
+            if calls:
+                finish = "tool_calls"
+                yield chunk(P.Delta(tool_calls=[{"index": i, **c} for i, c in enumerate(calls)]))
+            elif call.tools:
+                yield chunk(P.Delta(content=text))
+            yield chunk(P.Delta(), finish or "stop")
+            if include_usage:
+                yield chunk(usage=P.usage(prompt_tokens, tokens))
+            yield P.sse("[DONE]")
+            status, message = 200, ""
+        finally:
+            if status != 200:
+                gen.cancel()  # the client went away: stop the replica generating for no one
+            self._release_slot()
+            # bookkeeping must not be cut short by a client that went away: its own task
+            asyncio.get_running_loop().create_task(
+                call.finish("".join(parts) if status == 200 else None, status, message, completion_tokens=tokens))
+
+    # -- shadow and logging ---------------------------------------------------------------------
+    def _mirror(self, messages, params, primary_done: asyncio.Future) -> bool:
+        """Send the request to the shadow in the background; log both answers when both are in."""
+        shadow_ref = self.models["shadow"]
+        params = {**params, "n": 1, "logprobs": None}  # the shadow's answer is compared, not returned
+
+        async def call():
+            start = time.perf_counter()
+            shadow = {"model": shadow_ref}
+            try:
+                res = await asyncio.wait_for(self._handle(shadow_ref).generate.remote(messages, params),
+                                             timeout=self.cfg.shadow_timeout_s)
+                ok = "error" not in res
+                text = res["choices"][0]["text"] if ok else None
+                shadow.update(answer=text, status=200 if ok else res["status"])
+                verdict = self.checker.check(text) if ok else None
+                shadow["valid"] = verdict.valid if verdict else None
+            except Exception as e:  # noqa: BLE001 - recorded, then swallowed by the mirror
+                shadow.update(answer=None, status=504 if isinstance(e, asyncio.TimeoutError) else 502,
+                              error=f"{type(e).__name__}: {str(e)[:200]}", valid=None)
+            shadow["latency_ms"] = round((time.perf_counter() - start) * 1000, 2)
+            self.stats["shadow"].record(shadow["status"] == 200, shadow.get("valid"), shadow["latency_ms"] / 1000)
+            self.metrics.observe(role="shadow", model=shadow_ref, status=shadow["status"], valid=shadow.get("valid"),
+                                 latency_s=shadow["latency_ms"] / 1000, completion_tokens=0, stream=False)
+            row = await primary_done
+            self._log({**row, "shadow": shadow})
+
+        return self.mirror.submit(call)
+
+    def _log(self, row: dict) -> None:
+        if not self.cfg.log_requests:
+            return
+        from serving.requestlog import make_row
+
+        shadow = row.pop("shadow", None)
+        if self.log.append(make_row(**row, shadow=shadow)):  # the registry write runs off the event loop
+            asyncio.get_running_loop().run_in_executor(None, self.log.flush)
+
+    # -- policy -----------------------------------------------------------------------------------
+    def _decision(self):
+        from serving.policy import decide
+
+        canary = self.models["canary"]
+        if not canary:
+            return None
+        return decide(self.stats["production"].summary(), self.stats["canary"].summary(), self.cfg,
+                      self._gate(canary))
+
+    async def _maybe_act(self) -> None:
+        if not (self.cfg.auto_rollback or self.cfg.auto_promote) or self.admin_lock.locked():
+            return
+        decision = await asyncio.to_thread(self._decision)
+        if decision is None:
+            return
+        self.last_decision = decision.to_dict()
+        try:
+            if decision.action == "rollback" and self.cfg.auto_rollback and self.weight > 0:
+                await self._rollback(reasons=decision.reasons, automatic=True)
+            elif decision.action == "promote" and self.cfg.auto_promote:
+                await self._promote(reasons=decision.reasons, automatic=True)
+        except APIError as e:  # a concurrent operator change got there first
+            log.info("policy action skipped: %s", e.message)
+
+    async def __del__(self):
+        # Serve calls this on graceful shutdown: write what is still buffered
+        try:
+            await asyncio.to_thread(self.log.flush)
+        except Exception:  # noqa: BLE001
+            pass

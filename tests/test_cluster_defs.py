@@ -174,3 +174,21 @@ def test_app_builders_build_the_router_and_a_model_from_the_registry(tmp_path, t
     assert model._bound_deployment.init_args[:2] == (ref, reg.uri)
     with pytest.raises(ValueError, match="'spec'"):
         build_app({})
+
+
+def test_every_ray_node_exports_metrics_on_one_port():
+    """Serve's metrics (crucible_requests, latency histograms) are scraped from Ray's metrics port:
+    every node type starts Ray with it, and the serving pods expose it as the ``metrics`` port."""
+    cfg = _load("aws.yaml")
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "--metrics-export-port=8080" in cmd, cmd
+    for name in ("raycluster.yaml", "rayservice.yaml", "rayjob.yaml"):
+        doc = _load(f"kuberay/{name}")
+        cluster = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"]
+        groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+        for group in groups:
+            assert group["rayStartParams"]["metrics-export-port"] == "8080", (name, group.get("groupName"))
+            if name != "rayjob.yaml":  # a batch job is not scraped
+                ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+                assert ports["metrics"] == 8080, (name, group.get("groupName"))

@@ -10,7 +10,7 @@ from pipelines.spec import Deploy
 from serving.auth import admin_ok
 from serving.policy import LiveStats, decide
 from serving.requestlog import make_row, scrub
-from serving.router import Mirror, bucket, choose, sticky_key
+from serving.traffic import Mirror, bucket, choose, sticky_key
 
 CFG = Deploy(min_requests=50, rollback_min_requests=20, max_error_rate=0.05, max_validity_drop=0.05,
              max_p95_ratio=1.5)

@@ -3,6 +3,8 @@
 One ``serve.run`` set-up per module: production, canary (weight 0.1), a shadow that sleeps and
 fails half the time, and a canary that always fails (started but unrouted until a test deploys
 it). The last two use the replica's test-only fault injection; everything else is the real path.
+The task's contract is a tool call, so the same app answers plain chat and ``tools``. The OpenAI
+surface is driven with the official ``openai`` client.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def app(ray_local, tmp_path_factory, gpt2_tokenizer):
     for role in ("production", "canary", "shadow"):
         reg.set_alias(TASK, role, refs[role])
     spec = spec_from_dict({"task": TASK, "model": {"base": str(root / "production")}, "registry": uri,
+                           "contract": {"type": "tool_call", "tools": [ROUTE_TOOL["function"]]},
                            "deploy": {"num_cpus": 0.25, "canary_weight": 0.1, "max_concurrency": 16,
                                       "rollback_min_requests": 10, "min_requests": 10, "max_new_tokens": 64,
                                       "max_body_bytes": 4096, "max_prompt_tokens": 60, "log_flush_rows": 1000, "shadow_timeout_s": 10,
@@ -62,6 +65,10 @@ def app(ray_local, tmp_path_factory, gpt2_tokenizer):
 
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+ROUTE_TOOL = {"type": "function", "function": {
+    "name": "route_ticket", "description": "send a ticket to a queue",
+    "parameters": {"type": "object", "properties": {"queue": {"enum": ["billing", "shipping", "returns"]}},
+                   "required": ["queue"], "additionalProperties": False}}}
 
 
 def chat(client, user="u", content="hello there", **kw):
@@ -213,6 +220,170 @@ def test_constrained_decoding_per_request(app):
     assert all(json.loads(o.text) in schema["enum"] for o in outs)
 
 
+# -- the OpenAI surface, through the official client ---------------------------------------------------
+@pytest.fixture(scope="module")
+def oai(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=app["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client
+    client.close()
+
+
+def ask(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def test_openai_models_and_chat(app, oai):
+    refs = app["refs"]
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {TASK, refs["production"], refs["canary"]}
+    assert all(isinstance(m.created, int) and m.created > 1_700_000_000 for m in models.values())
+    r = oai.chat.completions.create(model=refs["production"], messages=ask("hello"), max_tokens=5)
+    assert r.object == "chat.completion" and r.model == refs["production"] and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str) and c.message.tool_calls is None
+    assert c.finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_streaming_matches_the_whole_answer(app, oai):
+    prod = app["refs"]["production"]
+    whole = oai.chat.completions.create(model=prod, messages=ask("stream me"), max_tokens=12)
+    chunks = list(oai.chat.completions.create(model=prod, messages=ask("stream me"), max_tokens=12, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" and ch.model == prod for ch in chunks)
+    assert len({ch.id for ch in chunks}) == 1
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content  # greedy: the same answer, in pieces
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 1
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # on the wire: SSE events, and [DONE] last; no usage chunk unless asked for
+    with app["client"].stream("POST", "/v1/chat/completions", json={
+            "model": prod, "messages": ask("stream me"), "max_tokens": 12, "stream": True}) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        assert raw.headers["x-crucible-model"] == prod
+        events = [line for line in raw.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_openai_json_schema_tools_n_logprobs_stop_seed(app, oai):
+    prod = app["refs"]["production"]
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = oai.chat.completions.create(model=prod, messages=ask("ok?"), max_tokens=40, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    # tools: the answer is a tool call, with finish_reason tool_calls, arguments valid for the tool
+    import jsonschema
+
+    for stream in (False, True):
+        kw = dict(model=prod, messages=ask("my parcel is late"), max_tokens=64, tools=[ROUTE_TOOL],
+                  tool_choice="required")
+        if stream:
+            chunks = list(oai.chat.completions.create(**kw, stream=True))
+            calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+            finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            name, args = calls[0].function.name, calls[0].function.arguments
+        else:
+            r = oai.chat.completions.create(**kw)
+            msg, finish = r.choices[0].message, [r.choices[0].finish_reason]
+            assert msg.content is None and len(msg.tool_calls) == 1 and msg.tool_calls[0].id.startswith("call_")
+            name, args = msg.tool_calls[0].function.name, msg.tool_calls[0].function.arguments
+        assert finish == ["tool_calls"] and name == "route_ticket"
+        jsonschema.validate(json.loads(args), ROUTE_TOOL["function"]["parameters"])
+    none = oai.chat.completions.create(model=prod, messages=ask("hi"), max_tokens=4, tools=[ROUTE_TOOL],
+                                       tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+    # n: three sampled choices, indexed; the same seed gives the same three again
+    kw = dict(model=prod, messages=ask("pick"), max_tokens=8, n=3, temperature=1.0, seed=11)
+    a, b = oai.chat.completions.create(**kw), oai.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices] and len(set(texts)) > 1
+    assert a.usage.completion_tokens == b.usage.completion_tokens > 8  # counted over all choices
+    other = oai.chat.completions.create(**{**kw, "seed": 12})
+    assert [c.message.content for c in other.choices] != texts
+    # logprobs: one entry per token, the chosen token heads its alternatives under greedy decoding
+    r = oai.chat.completions.create(model=prod, messages=ask("why"), max_tokens=5, logprobs=True, top_logprobs=2)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 and e.token == e.top_logprobs[0].token for e in entries)
+    # stop: cut before a string the model is known to produce
+    sampled = oai.chat.completions.create(model=prod, messages=ask("pick"), max_tokens=12, temperature=1.0,
+                                          seed=3).choices[0].message.content
+    stop = sampled.split()[2][:4]
+    cut = oai.chat.completions.create(model=prod, messages=ask("pick"), max_tokens=12, temperature=1.0, seed=3,
+                                      stop=[stop])
+    assert cut.choices[0].message.content == sampled[:sampled.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_openai_errors_name_the_parameter(app, oai):
+    import openai
+
+    prod = app["refs"]["production"]
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="no-such-model", messages=ask("x"))
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    assert e.value.body["type"] == "invalid_request_error" and "not served" in e.value.body["message"]
+    cases = [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"50256": -100}}, "logit_bias"),
+             ({"audio": {"voice": "alloy"}}, "audio"), ({"n": 2, "stream": True}, "n"),
+             ({"logprobs": True, "stream": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+              "messages[0].content"),
+             ({"messages": []}, "messages"), ({"temperature": 3}, "temperature"),
+             ({"tools": [{"type": "function", "function": {"name": "refund", "parameters": {}}}]},
+              "tools[0].function.name"),
+             ({"max_tokens": 10_000}, "max_tokens")]
+    for extra, param in cases:
+        body = {"model": prod, "messages": ask("x"), "max_tokens": 4, **extra}
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(**body) if "stream" not in extra else list(oai.chat.completions.create(**body))
+        err = e.value.body
+        assert err["param"] == param, (extra, err)
+        assert err["type"] == "invalid_request_error" and param.split("[")[0].split(".")[0] in err["message"]
+    # a streamed request refused before its first token still gets a JSON 400, not a broken stream
+    r = app["client"].post("/v1/chat/completions", json={"model": prod, "stream": True, "max_tokens": 2,
+                                                         "messages": ask("parcel " * 40)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_sticky_ids_and_streamed_requests_in_the_log(app):
+    from serving.traffic import choose, sticky_key
+
+    # safety_identifier and prompt_cache_key are the same key as user: a client switching keeps its side
+    for i in range(50):
+        keys = {sticky_key({f: f"person-{i}"}, {}) for f in ("user", "safety_identifier", "prompt_cache_key")}
+        assert len(keys) == 1
+    c, refs = app["client"], app["refs"]
+    assert c.post("/admin/flush", headers=ADMIN).status_code == 200  # drain the mirror: none of these is skipped
+    served = {}
+    for i in range(12):
+        body = {"model": TASK, "messages": ask(f"streamed ask {i}"), "max_tokens": 4, "stream": True,
+                "safety_identifier": f"sid-{i}"}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                           for line in r.iter_lines() if line.startswith("data: {") and '"choices":[{' in line)
+            served[i] = (r.headers["x-crucible-model"], text)
+        expected = choose(sticky_key({"user": f"sid-{i}"}, {}), 0.1, has_canary=True, salt=TASK)
+        assert served[i][0] == refs[expected]
+    assert c.post("/admin/flush", headers=ADMIN).status_code == 200
+    from serving.requestlog import read_request_logs
+
+    rows = {r["messages"][0]["content"]: r for r in read_request_logs(app["reg"], TASK)
+            if r["messages"][0]["content"].startswith("streamed ask")}
+    assert len(rows) == 12
+    for i, (model, text) in served.items():
+        row = rows[f"streamed ask {i}"]
+        assert row["model"] == model and row["status"] == 200 and row["messages"][-1]["content"] == text
+        assert row["shadow"]["model"] == refs["shadow"]  # mirrored like any other request
+
+
 def test_shadow_never_delays_or_changes_answers(app):
     c, refs = app["client"], app["refs"]
     # earlier tests can leave the mirror full (it skips, by design, beyond max_concurrency): drain it
@@ -264,8 +435,8 @@ def test_broken_canary_rolls_back_automatically(app):
     assert r.status_code == 200, r.text
     assert reg.alias(TASK, "canary")["target"] == refs["broken"]
     codes = []
-    for i in range(25):
-        resp = chat(c, user=f"rb-{i}")
+    for i in range(25):  # every other request streamed: a streamed failure counts towards the rollback too
+        resp = chat(c, user=f"rb-{i}", stream=bool(i % 2))
         codes.append((resp.status_code, resp.headers["x-crucible-model"]))
         assert resp.status_code in (200, 502)
     # the first failures reach clients until the window is judged; then all traffic is production
@@ -276,7 +447,7 @@ def test_broken_canary_rolls_back_automatically(app):
     assert status["models"]["production"] == refs["production"]
     assert reg.alias(TASK, "canary")["target"] is None
     assert reg.alias(TASK, "production")["target"] == refs["production"]  # production untouched
-    from serving.state import latest_events_manifest
+    from pipelines.release import latest_events_manifest
 
     event = latest_events_manifest(reg, TASK).metadata["event"]
     assert event["action"] == "rollback" and event["automatic"] and event["model"] == refs["broken"]
@@ -308,7 +479,42 @@ def test_promote_needs_gate_then_swaps_without_dropping_requests(app):
     assert [r.status_code for r in load] == [200] * 12
     assert reg.alias(TASK, "production")["target"] == refs["canary"]
     assert chat(c, user="after").headers["x-crucible-model"] == refs["canary"]
-    from serving.state import latest_events_manifest
+    from pipelines.release import latest_events_manifest
 
     events = latest_events_manifest(reg, TASK).metadata["events"]
     assert [e["action"] for e in events][-2:] == ["deploy", "promote"]
+
+
+def test_prometheus_metrics_on_rays_metrics_port(app):
+    """Per role/model/status/validity counters and latency histograms, as Prometheus scrapes them."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    refs = app["refs"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # Ray exports every few seconds
+        text = httpx.get(url, timeout=10).text
+        ok = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("ray_crucible_requests") and 'status="200"' in line and 'role="shadow"' not in line)
+        if ok >= 60 and 'status="502"' in text and 'status="503"' in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if line.startswith("ray_crucible_")]
+    requests = [line for line in lines if line.startswith(("ray_crucible_requests{", "ray_crucible_requests_total{"))]
+    assert requests, text[-2000:]
+    def value(line):
+        return float(line.rsplit(" ", 1)[1])
+    ok = [line for line in requests if 'status="200"' in line and 'role="shadow"' not in line]
+    assert sum(value(line) for line in ok) >= 60  # this module sends more than that
+    assert any(f'model="{refs["production"]}"' in line and 'role="production"' in line for line in ok)
+    assert any(f'model="{refs["broken"]}"' in line and 'role="canary"' in line and 'status="502"' in line
+               for line in requests)
+    assert any('role="shadow"' in line for line in requests)
+    assert any('valid="false"' in line for line in requests)  # random models break the tool-call contract
+    assert any('stream="true"' in line for line in requests)
+    assert any('status="503"' in line and 'role="none"' in line for line in requests)  # the burst's overload
+    assert any('status="400"' in line for line in requests)
+    assert any(line.startswith("ray_crucible_request_latency_seconds_bucket{") and 'le="+Inf"' in line
+               for line in lines)
+    assert any(line.startswith("ray_crucible_completion_tokens") for line in lines)

@@ -28,6 +28,9 @@ class GenParams:
     # constrained decoding: JSON text {"json_schema": {...}} or {"choice": [...]} (see pipelines.guide);
     # the HF engine enforces it token by token, vLLM with its structured outputs, http as response_format
     guide: str | None = None
+    # per-token log-probabilities: None (off) or how many alternatives to list per token (0 = the chosen
+    # token only); they land in ``Completion.extra["logprobs"]`` as OpenAI's ``logprobs.content`` entries
+    logprobs: int | None = None
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Engine(Protocol):
     name: str
 
     def generate(self, chats: list[Chat], params: GenParams) -> list[Completion]: ...
+
+    # optional: engines that can stream (the HF engine) also have
+    # ``stream(chat, params) -> Iterator[str | Completion]``: text deltas, then the finished Completion
 
 
 ENGINES = ("auto", "hf", "vllm", "http")

@@ -64,7 +64,74 @@ class HFEngine:
         bar(0, done=True)
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch_ids: list[list[int]], params: GenParams) -> list[Completion]:
+    def stream(self, chat: Chat, params: GenParams = GenParams()):
+        """Yield one chat's output as it is generated (``str`` deltas), then the finished ``Completion``.
+
+        The same generate call as a batch of one (guide, stop strings and seed included), run in a
+        thread that hands each new token over. Text that could still be the start of a stop string,
+        or an unfinished UTF-8 character, is held back until it is decided, so the deltas always join
+        up to exactly the final text.
+        """
+        import queue
+        import threading
+
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        ids = self.tokenizer(self.render(chat), add_special_tokens=False)["input_ids"]
+        tokens: queue.Queue = queue.Queue()
+
+        class Handover(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate hands the prompt over first
+                    self.prompt_seen = True
+                    return
+                tokens.put(value.view(-1).tolist())
+
+            def end(self):
+                tokens.put(None)
+
+        result: dict = {}
+        closed = threading.Event()  # set when the consumer stops listening: generation ends at the next step
+
+        def run():
+            try:
+                torch.manual_seed(params.seed)
+                result["completion"] = self._generate_batch([ids], params, streamer=Handover(), cancel=closed)[0]
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                result["error"] = e
+            finally:
+                tokens.put(None)
+
+        worker = threading.Thread(target=run, name="hf-stream", daemon=True)
+        worker.start()
+        row: list[int] = []
+        sent = ""
+        try:
+            while (new := tokens.get()) is not None:
+                row += [t for t in new if t not in self._eos_ids]
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                safe = _settled(text, params.stop)
+                if safe > len(sent) and text.startswith(sent):
+                    yield text[len(sent):safe]
+                    sent = text[:safe]
+        finally:  # also on close(): the consumer went away
+            closed.set()
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        final: Completion = result["completion"]
+        if final.text.startswith(sent):
+            if len(final.text) > len(sent):
+                yield final.text[len(sent):]
+        else:  # a tokenizer whose decode is not prefix-stable: what was sent stands
+            final.text = sent
+        yield final
+
+    def _generate_batch(self, batch_ids: list[list[int]], params: GenParams, streamer=None,
+                        cancel=None) -> list[Completion]:
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -78,8 +145,12 @@ class HFEngine:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width)
+        if params.stop or cancel is not None:
+            kw["stopping_criteria"] = _stop_criteria(self.tokenizer, params.stop, width, cancel)
+        if streamer is not None:
+            kw["streamer"] = streamer
+        if params.logprobs is not None:  # raw logits: the model's own distribution, before any guide
+            kw.update(return_dict_in_generate=True, output_logits=True)
         guided = self._guided_logits(params, len(batch_ids), width) if params.guide else None
         if guided is not None:
             from transformers import LogitsProcessorList
@@ -89,12 +160,35 @@ class HFEngine:
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
         elapsed = time.perf_counter() - start
+        logits = out.logits if params.logprobs is not None else None
+        seqs = out.sequences if params.logprobs is not None else out
         completions = []
-        for r, (row, prompt) in enumerate(zip(out[:, width:].tolist(), batch_ids)):
+        for r, (row, prompt) in enumerate(zip(seqs[:, width:].tolist(), batch_ids)):
             completions.append(self._finish(row, len(prompt), params, elapsed, len(batch_ids)))
+            if logits is not None:
+                c = completions[-1]
+                c.extra["logprobs"] = self._logprobs(row[:c.completion_tokens], [step[r] for step in logits],
+                                                     params.logprobs)
             if guided is not None:
                 completions[-1].extra["guide_interventions"] = guided.interventions[r]
         return completions
+
+    def _logprobs(self, row: list[int], step_logits: list, top: int) -> list[dict]:
+        """OpenAI ``logprobs.content`` entries for the tokens of one output."""
+        import torch
+
+        def entry(tok: int, lp: float) -> dict:
+            text = self.tokenizer.decode([tok])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        out = []
+        for tok, logits in zip(row, step_logits):
+            lps = torch.log_softmax(logits.float(), dim=-1)
+            item = entry(tok, float(lps[tok]))
+            values, ids = lps.topk(top) if top else (lps[:0], lps[:0].long())
+            item["top_logprobs"] = [entry(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
+            out.append(item)
+        return out
 
     def _guided_logits(self, params: GenParams, batch: int, width: int):
         from pipelines.engines.constrain import GuidedLogits, TokenGuide, TokenTexts
@@ -122,8 +216,25 @@ class HFEngine:
                           latency_s=elapsed, extra={"batch_size": batch})
 
 
-def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int):
-    """Stop each sequence once its decoded new text contains a stop string.
+def _settled(text: str, stops) -> int:
+    """How much of a growing output can be sent: not a trailing unfinished character, nothing
+    from a stop string on, nor a tail that may still become one."""
+    safe = len(text.rstrip("\ufffd"))
+    for s in stops:
+        k = text.find(s)
+        if k >= 0:
+            safe = min(safe, k)
+            continue
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                safe = min(safe, len(text) - n)
+                break
+    return safe
+
+
+def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int, cancel=None):
+    """Stop each sequence once its decoded new text contains a stop string (every sequence once
+    ``cancel``, a ``threading.Event``, is set).
 
     Decoding (rather than matching token ids, as transformers' ``stop_strings`` does) is exact
     however the tokenizer splits the string; the cost is one small decode per step and row.
@@ -133,6 +244,10 @@ def _stop_criteria(tokenizer, stops: tuple[str, ...], width: int):
 
     class StopOnStrings(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
+            if cancel is not None and cancel.is_set():
+                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if not stops:
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             texts = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
             return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
 

@@ -1,0 +1,171 @@
+"""Model replicas: one model per Serve application, behind the one small interface the router uses.
+
+The seam (every replica kind has these, called over a Serve handle):
+
+- ``async generate(messages, params) -> dict``: ``{"model", "prompt_tokens", "choices": [{"text",
+  "finish_reason", "completion_tokens", "logprobs"?}]}`` (``params["n"]`` choices), or ``{"error",
+  "status", "param"?}`` for a request this model cannot take (a prompt over the limit).
+- ``async stream(messages, params)`` (an async generator, called with ``handle.options(stream=True)``):
+  first ``{"model", "prompt_tokens"}`` or an error dict as above, then ``{"delta": str}`` items, last
+  ``{"finish_reason", "completion_tokens"}``.
+- ``info() -> dict``.
+
+``params`` is ``serving.protocol.params_for``'s dict: max_tokens, temperature, top_p, stop, seed, n,
+logprobs (None or the number of alternatives), max_prompt_tokens, guide. ``REPLICAS`` maps
+``deploy.engine`` to the deployment class; a new replica kind registers there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+
+from ray import serve
+
+from pipelines.templates import with_system_prompt
+
+# Forwarded from the deployer's environment into replicas (Ray does not pass the driver's env):
+# the admin token, where model files are cached, and object-store credentials for s3:// registries.
+FORWARD_ENV = ("CRUCIBLE_ADMIN_TOKEN", "CRUCIBLE_CACHE", "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def actor_options(num_cpus: float) -> dict:
+    import os
+
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    return {"num_cpus": num_cpus, "runtime_env": {"env_vars": env}}
+
+
+def app_name(task: str, ref: str) -> str:
+    """The Serve app holding one model: the task plus the model id's random suffix."""
+    return f"{task}--{ref.rsplit('-', 1)[-1]}"
+
+
+def gen_params(p: dict):
+    from pipelines.engines import GenParams
+
+    return GenParams(max_new_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                     stop=tuple(p["stop"]), seed=p["seed"], guide=p.get("guide"), logprobs=p.get("logprobs"))
+
+
+@serve.deployment(max_ongoing_requests=16, graceful_shutdown_timeout_s=30)
+class ModelReplica:
+    """One model behind the engine interface (HF, the fallback everywhere); concurrent requests are
+    batched into one generate; ``stream`` runs the engine's incremental generation.
+
+    ``faults`` is fault injection for tests only (``error_rate``, ``delay_s``): it makes a real
+    replica fail or stall so the router's isolation and rollback can be tested over real HTTP.
+    """
+
+    def __init__(self, ref: str, registry_uri: str, engine: str = "auto", faults: dict | None = None,
+                 threads: int | None = None):
+        import torch
+
+        from infra.registry import Registry
+        from pipelines.engines import get_engine
+
+        if threads and not torch.cuda.is_available():
+            # Ray gives a replica one thread per whole CPU it asked for (at least 1). More threads than
+            # cores across the node's replicas makes every one of them crawl, so only on request.
+            torch.set_num_threads(threads)
+        reg = Registry.open(registry_uri)
+        self.ref = reg.get(ref).id
+        self.engine = get_engine(engine, model=self.ref, registry=reg)
+        self.tokenizer = getattr(self.engine, "tokenizer", None)
+        self.system_prompt = getattr(self.engine, "default_system_prompt", None)
+        self.faults = faults or {}
+        self.lock = threading.Lock()
+
+    async def _admit(self, messages: list[dict], params: dict) -> tuple[dict | None, int]:
+        """(an error answer or None, the prompt's token count) after the test faults and the limit."""
+        if self.faults.get("delay_s"):
+            await asyncio.sleep(self.faults["delay_s"])
+        if random.random() < self.faults.get("error_rate", 0.0):
+            raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
+        if self.tokenizer is None:
+            return None, 0
+        text = self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
+                                                  tokenize=False, add_generation_prompt=True)
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = params.get("max_prompt_tokens")
+        if limit and n > limit:
+            return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400,
+                    "param": "messages"}, n
+        return None, n
+
+    async def generate(self, messages: list[dict], params: dict) -> dict:
+        problem, _ = await self._admit(messages, params)
+        if problem:
+            return problem
+        return await self._batched((messages, params))
+
+    async def stream(self, messages: list[dict], params: dict):
+        problem, n_prompt = await self._admit(messages, params)
+        if problem:
+            yield problem
+            return
+        if not hasattr(self.engine, "stream"):
+            yield {"error": f"engine {self.engine.name!r} cannot stream", "status": 400, "param": "stream"}
+            return
+        yield {"model": self.ref, "prompt_tokens": n_prompt}
+        # Not under self.lock: a stream is its own generate call, and holding the lock for the whole
+        # stream would stall every batched request behind it.
+        it = self.engine.stream(with_system_prompt(messages, self.system_prompt), gen_params(params))
+        try:
+            while (item := await asyncio.to_thread(next, it, None)) is not None:
+                if isinstance(item, str):
+                    yield {"delta": item}
+                else:
+                    yield {"finish_reason": item.finish_reason, "completion_tokens": item.completion_tokens,
+                           "prompt_tokens": item.prompt_tokens}
+        finally:  # the router cancelled (its client went away): the engine stops at its next step
+            try:
+                it.close()
+            except ValueError:  # a step is running in its thread; dropping the generator closes it after
+                pass
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _batched(self, items: list[tuple[list[dict], dict]]) -> list[dict]:
+        # one generate per distinct parameter set: requests differ mostly in messages
+        return await asyncio.to_thread(self._generate_groups, items)
+
+    def _generate_groups(self, items):
+        out: list[dict | None] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for i, (_, p) in enumerate(items):
+            groups.setdefault(json.dumps(p, sort_keys=True), []).append(i)
+        with self.lock:
+            for key, idx in groups.items():
+                p = json.loads(key)
+                n = p.get("n", 1)
+                # a request without a system message gets the model's saved one, as in eval and predict;
+                # n choices are n rows of one batch (identical under greedy decoding, as with any engine)
+                chats = [with_system_prompt(items[i][0], self.system_prompt) for i in idx for _ in range(n)]
+                done = self.engine.generate(chats, gen_params(p))
+                for k, i in enumerate(idx):
+                    mine = done[k * n:(k + 1) * n]
+                    out[i] = {"model": self.ref, "prompt_tokens": mine[0].prompt_tokens,
+                              "choices": [_choice(c) for c in mine]}
+        return out
+
+    def info(self) -> dict:
+        return {"model": self.ref, "engine": self.engine.name}
+
+
+def _choice(c) -> dict:
+    choice = {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
+    if "logprobs" in c.extra:
+        choice["logprobs"] = c.extra["logprobs"]
+    return choice
+
+
+# deploy.engine -> the replica deployment serving it. Engines without their own replica kind run
+# inside ModelReplica through pipelines.engines (which is also how the HF fallback works).
+REPLICAS = {"hf": ModelReplica}
+
+
+def replica_for(engine: str):
+    return REPLICAS.get(engine, ModelReplica)
