@@ -16,15 +16,16 @@ from jobs.common import (CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emi
                          run_standalone)
 
 
-def _metrics_table(title: str, metrics: dict, ci: dict | None = None):
+def _metrics_table(title: str, metrics: dict, ci: dict | None = None, ci_method: dict | None = None):
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for col in ("metric", "value", "95% CI"):
+    for col in ("metric", "value", "95% CI", "CI method"):
         t.add_column(col)
     for k, v in metrics.items():
         c = (ci or {}).get(k)
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v), f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v), f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "",
+                  (ci_method or {}).get(k, ""))
     return t
 
 
@@ -59,7 +60,8 @@ def eval_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The spe
 
     def human():
         pm, ps = results["primary_metric"], results["primary_set"]
-        out.print(_metrics_table(f"{m.id} — set '{ps}', {results['n']} examples", results["metrics"], results["ci"]))
+        out.print(_metrics_table(f"{m.id} — set '{ps}', {results['n']} examples", results["metrics"], results["ci"],
+                                 results.get("ci_method")))
         for b, r in results["baselines"].items():
             d = r["sets"][ps]["compare"]["delta"].get(pm)
             if d:
@@ -114,7 +116,7 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
         raise ValueError(f"contract: {e}") from None
     result = score_records(Checker(c), read_records(predictions), read_records(references), n_boot=bootstrap)
     emit(result, as_json, lambda: (out.print(_metrics_table(f"{result['n']} scored rows", result["metrics"],
-                                                            result["ci"])),
+                                                            result["ci"], result["ci_method"])),
                                    result["missing_predictions"] and err.print(
                                        f"{result['missing_predictions']} reference(s) had no prediction")))
 

@@ -274,6 +274,18 @@ class Gate(Strict):
     margin: float = 0.0
     against: str | None = Field(None, description="the baseline a per-example metric such as "
                                 "`regressions` compares with (e.g. production)")
+    on: Literal["value", "lower_bound", "upper_bound"] = Field(
+        "value", description="what min/max compare: the point value or an end of its 95% interval "
+        "(lower_bound: the rate must be above min with confidence); with beats, lower_bound asks the "
+        "paired delta's interval to clear the margin")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _has_bound(self) -> "Gate":
@@ -309,6 +321,8 @@ class Deploy(Strict):
     shadow_timeout_s: float = Field(30.0, gt=0, description="a shadow answer later than this is logged as a timeout")
     log_requests: bool = True
     log_flush_rows: int = Field(200, ge=1, description="request-log rows per registry manifest")
+    node_hour_usd: float | None = Field(None, ge=0, description="price of one serving node for an hour; the "
+                                        "model card turns measured throughput into cost per 1k requests")
 
 
 class Spec(Strict):

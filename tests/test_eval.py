@@ -79,7 +79,12 @@ def test_eval_json_shape_and_registered_files(evaluated, project):
         assert lo_hi[0] <= res["metrics"][name] + 1e-9 and lo_hi[1] >= res["metrics"][name] - 1e-9
     assert set(res["baselines"]) == {"base", "prompted-base"}
     cmp = res["baselines"]["base"]["sets"]["test"]["compare"]
-    assert set(cmp["delta"]["accuracy"]) == {"delta", "lo", "hi"} and cmp["paired"] == 10
+    assert set(cmp["delta"]["accuracy"]) == {"delta", "lo", "hi", "method"} and cmp["paired"] == 10
+    assert cmp["delta"]["accuracy"]["method"] in ("paired BCa bootstrap",
+                                                  "paired bootstrap (degenerate: every resample equal)")
+    # each interval names its method: rates binomial, the rest bootstrap
+    assert res["ci_method"]["accuracy"] == "Wilson" and res["ci_method"]["valid_rate"] == "Wilson"
+    assert "bootstrap" in res["ci_method"]["macro_f1"]
     p = res["perf"]
     assert 0 < p["latency_p50_s"] <= p["latency_p95_s"] and p["tokens_per_s"] > 0
     from infra.registry import Registry
@@ -94,7 +99,8 @@ def test_eval_json_shape_and_registered_files(evaluated, project):
     # the metric is recomputable from the stored rows
     assert res["metrics"]["accuracy"] == pytest.approx(sum(x["correct"] for x in preds) / 10)
     md = reg.read_file(m.id, "report.md").decode()
-    for needle in ("| accuracy |", "prompted-base", "latency p95", "Worst failures", "regressions vs base"):
+    for needle in ("| accuracy |", "prompted-base", "latency p95", "Worst failures", "regressions vs base",
+                   "| CI method |", "| Wilson |"):
         assert needle in md
     assert "<table>" in reg.read_file(m.id, "report.html").decode()
     # Side by side: the first test examples with every system's output, marked right or wrong.

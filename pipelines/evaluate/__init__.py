@@ -2,7 +2,7 @@
 
 ``run(spec, registry, model_ref, baselines)`` is the stage; ``score_files`` scores given outputs
 without a model; ``predict`` runs batch inference; ``gate`` applies the spec's gates to an eval.
-Modules: ``metrics`` (per-contract metrics, bootstrap), ``judge`` (LLM-as-judge), ``rows``
+Modules: ``metrics`` (per-contract metrics, intervals), ``judge`` (LLM-as-judge), ``rows``
 (reading rows), ``sources`` (eval sets, baselines), ``runner`` (generate + summarise), ``report``
 (md/html), ``gates``.
 """
@@ -81,7 +81,8 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
         "model": systems[0].describe, "task": spec.task, "contract": kind, "engine": engine_used,
         "dataset": dataset_id, "primary_set": primary_set, "primary_metric": primary_metric,
         "n": model_sets[primary_set]["n"], "metrics": model_sets[primary_set]["metrics"],
-        "ci": model_sets[primary_set]["ci"], "perf": model_sets[primary_set]["perf"],
+        "ci": model_sets[primary_set]["ci"], "ci_method": model_sets[primary_set]["ci_method"],
+        "perf": model_sets[primary_set]["perf"],
         "sets": model_sets, "baselines": {}}
     for system in systems[1:]:
         bsets = {}
@@ -194,7 +195,8 @@ def score_records(checker, predictions: list[dict], references: list[dict], *, n
         row["id"] = i
         rows.append(row)
     fn = lambda rs: M.aggregate(checker.type, rs, checker.contract.labels)  # noqa: E731
-    result = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+    ci, ci_method = M.intervals(checker.type, rows, checker.contract.labels, n=n_boot, seed=seed)
+    result = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
               "missing_predictions": len(missing), "unmatched_predictions": len(extra),
               "missing_ids": missing[:20]}
     if checker.type == "label":

@@ -1,4 +1,5 @@
-"""Generate on a set of examples with one engine, score each row, and summarise with CIs."""
+"""Generate on a set of examples with one engine, score each row, and summarise with CIs
+(Wilson for rates, BCa bootstrap for the rest; ``ci_method`` names each one)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def summarize(rows: list[dict], kind: str, labels: list[str] | None, wall_s: flo
         if not r["correct"]:
             key = r["reason"] or "wrong"
             failures[key] = failures.get(key, 0) + 1
-    out = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+    ci, ci_method = M.intervals(kind, rows, labels, n=n_boot, seed=seed)
+    out = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
            "perf": perf(rows, wall_s), "failures": failures}
     if kind == "label":
         out["labels"] = M.label_report(rows, list(labels or sorted({r["ref_label"] for r in rows})))
