@@ -85,17 +85,28 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
               references: Path = typer.Option(..., "--references", help="JSONL rows {id, output} (or canonical "
                                               "messages rows; for tool calls the expected call(s))."),
               bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Resamples for the 95% CIs."),
+              gate: Optional[list[str]] = typer.Option(None, "--gate", help="A release gate as a YAML mapping, "
+                                                       "e.g. '{metric: valid_rate, min: 0.95, on: lower_bound}'; "
+                                                       "repeatable; exit 1 when one fails."),
               as_json: bool = JsonOpt):
     """Score given outputs against references without a model (rows joined by `id`).
 
     Example: crucible score --contract label --labels pos,neg --predictions p.jsonl --references r.jsonl --json
-    prints {"n", "metrics": {"accuracy", "macro_f1", "valid_rate"}, "ci", "labels", ...}.
+    prints {"n", "metrics": {"accuracy", "macro_f1", "valid_rate"}, "ci", "ci_method", "labels", ...}:
+    rates get Wilson intervals, other metrics BCa bootstrap ones. With --gate, "gate" holds the verdict.
     """
+    import yaml
     from pipelines.contract import Checker
     from pipelines.evaluate import score_records
     from pipelines.evaluate.rows import read_records
-    from pipelines.spec import Contract
+    from pipelines.spec import Contract, Gate
 
+    gates = []
+    for n, text in enumerate(gate or []):
+        try:
+            gates.append(Gate.model_validate(yaml.safe_load(text)))
+        except Exception as e:  # pydantic's message names the field
+            raise ValueError(f"--gate #{n + 1} {text!r}: {e}") from None
     raw: dict = {"type": contract}
     if schema:
         raw["schema"] = json.loads(schema.read_text())
@@ -114,11 +125,21 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
         c = Contract.model_validate(raw)
     except Exception as e:  # pydantic's message names the field
         raise ValueError(f"contract: {e}") from None
-    result = score_records(Checker(c), read_records(predictions), read_records(references), n_boot=bootstrap)
-    emit(result, as_json, lambda: (out.print(_metrics_table(f"{result['n']} scored rows", result["metrics"],
-                                                            result["ci"], result["ci_method"])),
-                                   result["missing_predictions"] and err.print(
-                                       f"{result['missing_predictions']} reference(s) had no prediction")))
+    result = score_records(Checker(c), read_records(predictions), read_records(references), n_boot=bootstrap,
+                           gates=gates)
+
+    def human():
+        out.print(_metrics_table(f"{result['n']} scored rows", result["metrics"], result["ci"], result["ci_method"]))
+        if result["missing_predictions"]:
+            err.print(f"{result['missing_predictions']} reference(s) had no prediction")
+        for ch in result.get("gate", {}).get("checks", []):
+            v = "–" if ch["value"] is None else f"{ch['value']:.4g}"
+            out.print(f"{'✓' if ch['passed'] else '✗'} {ch['metric']} ({ch['on']}): {v}  {'; '.join(ch['reasons'])}",
+                      highlight=False)
+
+    emit(result, as_json, human)
+    if gates and not result["gate"]["passed"]:
+        raise typer.Exit(1)
 
 
 def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Registry id, TASK@ALIAS or folder."),

@@ -265,3 +265,40 @@ def test_eval_with_http_judge(project, tmp_path, monkeypatch):
     parsed = [r["judge"] for r in rows if r["judge"] is not None]
     assert res["metrics"]["judge_parse_rate"] == pytest.approx(len(parsed) / 3)
     assert ("judge_score" in res["metrics"]) == bool(parsed)
+
+
+def test_score_40_of_40_valid_rate_interval_and_lower_bound_gate(tmp_path):
+    """40/40 schema-valid triage records: the rate's Wilson interval is [0.912, 1], not [1, 1]; a
+    point gate at 0.95 passes, the same gate on the lower bound fails (exit 1)."""
+    import csv
+
+    from tests.conftest import shared
+
+    root = Path(__file__).resolve().parents[1]
+    with open(shared("datasets", "customer-support", "support.csv"), newline="") as f:
+        records = [r for _, r in zip(range(40), csv.DictReader(f))]
+    refs, preds = [], []
+    for i, r in enumerate(records):
+        entity = {"type": r["entity_type"], "value": r["entity_value"]} if r["entity_type"] else None
+        rec = {"intent": r["intent"], "category": r["category"], "entity": entity}
+        refs.append({"id": str(i), "output": rec})
+        preds.append({"id": str(i), "output": json.dumps(rec if i % 5 else {**rec, "entity": None})})
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
+    base = ["score", "--contract", "json", "--schema", root / "examples/support-triage/schema.json",
+            "--predictions", p, "--references", r, "--bootstrap", "200"]
+    res = jline(invoke(*base, "--gate", "{metric: schema_valid_rate, min: 0.95}", "--json"))
+    assert res["metrics"]["schema_valid_rate"] == 1.0 and res["gate"]["passed"]
+    lo, hi = res["ci"]["schema_valid_rate"]
+    assert res["ci_method"]["schema_valid_rate"] == "Wilson" and lo < 0.95 and hi == 1.0
+    assert lo == pytest.approx(0.912, abs=1e-3)
+    assert res["ci_method"]["field_f1"] == "BCa bootstrap"
+    assert res["ci"]["field_f1"][0] < res["metrics"]["field_f1"] < res["ci"]["field_f1"][1]
+    r1 = invoke(*base, "--gate", "{metric: schema_valid_rate, min: 0.95, on: lower_bound}", "--json", code=1)
+    bad = jline(r1)
+    assert not bad["gate"]["passed"] and bad["gate"]["failed"][0]["on"] == "lower_bound"
+    assert "lower bound 0.9124 < min 0.95" in bad["gate"]["failed"][0]["reasons"][0]
+    assert len([l for l in r1.stdout.splitlines() if l.strip()]) == 1  # --json: one object, nothing else
+    human = invoke(*base, "--gate", "{metric: schema_valid_rate, min: 0.95, on: lower_bound}", code=1)
+    assert "Wilson" in human.output and "lower_bound" in human.output
+    r2 = invoke(*base, "--gate", "{metric: schema_valid_rate, min: 0.95, on: lowest}", code=2)
+    assert "--gate #1" in r2.output and "on" in r2.output

@@ -196,3 +196,30 @@ def test_judge_aggregate_ignores_unparsed():
     m = M.aggregate("text", rows)
     assert m["judge_score"] == 60.0  # the unparsed reply is not a 0
     assert m["judge_parse_rate"] == pytest.approx(2 / 3)
+
+
+def test_schema_formats_are_enforced():
+    """`format` in the contract's schema is checked (date, date-time, email, uuid, uri, hostname);
+    a format the checker cannot check is named, not silently passed off as checked."""
+    schema = {"type": "object", "required": ["when", "email", "order"],
+              "properties": {"when": {"type": "string", "format": "date"},
+                             "at": {"type": "string", "format": "date-time"},
+                             "email": {"type": "string", "format": "email"},
+                             "order": {"type": "string", "format": "uuid"},
+                             "link": {"type": "string", "format": "uri"},
+                             "host": {"type": "string", "format": "hostname"},
+                             "shade": {"type": "string", "format": "color"}}}
+    checker = Checker(Contract.model_validate({"type": "json", "schema": schema}))
+    good = {"when": "2026-12-01", "at": "2026-12-01T09:30:00Z", "email": "ana@example.org",
+            "order": "0f8fad5b-d9cb-469f-a165-70867728950e", "link": "https://example.org/o/1",
+            "host": "api.example.org"}
+    assert checker.check(json.dumps(good)).valid
+    for field, bad in [("when", "2026-13-01"), ("at", "yesterday 9am"), ("email", "ana at example"),
+                       ("order", "order-17"), ("link", "not a uri"), ("host", "-bad-.host_")]:
+        v = checker.check(json.dumps({**good, field: bad}))
+        assert not v.valid and v.reason == "format" and v.detail.startswith(f"{field}:"), (field, v)
+    assert checker.unchecked_formats == ["color"]
+    tools = Checker(Contract.model_validate({"type": "tool_call", "tools": [
+        {"name": "book", "parameters": {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}}}]}))
+    assert tools.check('{"name": "book", "arguments": {"day": "2026-12-01"}}').valid
+    assert tools.check('{"name": "book", "arguments": {"day": "1/12/2026"}}').reason == "tool_arguments"

@@ -83,7 +83,7 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
         "n": model_sets[primary_set]["n"], "metrics": model_sets[primary_set]["metrics"],
         "ci": model_sets[primary_set]["ci"], "ci_method": model_sets[primary_set]["ci_method"],
         "perf": model_sets[primary_set]["perf"],
-        "sets": model_sets, "baselines": {}}
+        "sets": model_sets, "baselines": {}, "unchecked_formats": checker.unchecked_formats}
     for system in systems[1:]:
         bsets = {}
         for set_name in sets:
@@ -169,8 +169,9 @@ def gate(registry, eval_ref: str, spec=None) -> tuple[dict, Any]:
 
 
 def score_records(checker, predictions: list[dict], references: list[dict], *, n_boot: int = 1000,
-                  seed: int = 0) -> dict[str, Any]:
-    """Score prediction rows against reference rows joined by ``id`` (no model involved)."""
+                  seed: int = 0, gates: list | None = None) -> dict[str, Any]:
+    """Score prediction rows against reference rows joined by ``id`` (no model involved); with
+    ``gates`` (spec ``Gate`` entries) the verdict on the scored rows is in ``result["gate"]``."""
     from pipelines.evaluate import metrics as M
     from pipelines.evaluate.rows import to_example
 
@@ -198,9 +199,14 @@ def score_records(checker, predictions: list[dict], references: list[dict], *, n
     ci, ci_method = M.intervals(checker.type, rows, checker.contract.labels, n=n_boot, seed=seed)
     result = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
               "missing_predictions": len(missing), "unmatched_predictions": len(extra),
+              "unchecked_formats": checker.unchecked_formats,
               "missing_ids": missing[:20]}
     if checker.type == "label":
         result["labels"] = M.label_report(rows, list(checker.contract.labels or []))
+    if gates:
+        from pipelines.evaluate.gates import check
+
+        result["gate"] = check({"sets": {"scored": result}}, [g.model_dump() for g in gates])
     return result
 
 
