@@ -152,6 +152,9 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
                 batch_size: int = typer.Option(16, "--batch-size", min=1),
                 free: bool = typer.Option(False, "--free", help="Decode without the model's saved contract "
                                           "(when it was trained with contract.constrained_decoding)."),
+                fan_out: str = typer.Option("auto", "--fan-out", help="auto (over Ray actors from --min-rows rows, "
+                                            "or on an attached cluster), always or never."),
+                min_rows: int = typer.Option(2000, "--min-rows", min=1, help="Rows from which auto fans out."),
                 registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Batch inference on arbitrary rows, keeping each row's id and writing its output.
 
@@ -164,15 +167,21 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
     from pipelines.engines import GenParams, get_engine
     from pipelines.evaluate import predict
     from pipelines.evaluate.rows import read_examples
+    from pipelines.fanout import EngineRecipe, FanOut
 
+    if fan_out not in ("auto", "always", "never"):
+        raise ValueError(f"--fan-out {fan_out!r}: choose auto, always or never")
     examples = read_examples(input, need_reference=False)
     reg = open_registry(registry)
     eng = get_engine(engine, model=model, registry=reg, batch_size=batch_size, progress=not as_json)
+    recipe = EngineRecipe(engine, {"model": model, "batch_size": batch_size}, registry_uri=reg.uri,
+                          cache_dir=str(reg.cache_dir))
     start = time.perf_counter()
     guide = None if free else getattr(eng, "default_guide", None)
     rows = predict(eng, examples, params=GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                                    guide=guide),
-                   system_prompt=getattr(eng, "default_system_prompt", None))
+                   system_prompt=getattr(eng, "default_system_prompt", None), recipe=recipe,
+                   fan_out=FanOut(mode=fan_out, min_rows=min_rows, shard_rows=batch_size * 4))
     wall = time.perf_counter() - start
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -181,6 +181,7 @@ class ModelSpec(Strict):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    license: str | None = Field(None, description="the base model's licence (SPDX id), for the model card")
 
 
 class LoRA(Strict):
@@ -249,6 +250,17 @@ class Judge(Strict):
     rubric: str | None = None
 
 
+class FanOut(Strict):
+    """When eval/predict/judge generation fans out over Ray actors (see pipelines.fanout)."""
+    mode: Literal["auto", "always", "never"] = Field("auto", description="auto: at min_rows rows, or on "
+                                                     "an attached cluster (RAY_ADDRESS)")
+    min_rows: int = Field(2000, ge=1)
+    actors: int | None = Field(None, ge=1, description="default: the cluster's CPUs / cpus_per_actor")
+    cpus_per_actor: float = Field(0.5, gt=0, description="fractional: whole CPUs per actor starve Ray Data's "
+                                  "reads on small nodes (STACK-NOTES hang #1)")
+    shard_rows: int = Field(64, ge=1, description="rows per actor call; keep it a multiple of batch_size")
+
+
 class Eval(Strict):
     engine: Literal["auto", "hf", "vllm", "http"] = "auto"
     url: str | None = None
@@ -263,6 +275,7 @@ class Eval(Strict):
     limit: int | None = Field(None, ge=1, description="evaluate only the first N rows of each set")
     min_valid_rate: float | None = Field(0.99, ge=0, le=1, description="implicit gate on valid_rate for "
                                          "json/tool_call contracts unless a gate names it; null: off")
+    fan_out: FanOut = Field(default_factory=FanOut)
 
 
 class Gate(Strict):

@@ -41,6 +41,7 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     from pipelines.engines import GenParams
     from pipelines.engines.loading import is_registry_ref
     from pipelines.evaluate import report, runner, sources
+    from pipelines.fanout import FanOut, should_fan_out
     from pipelines.guide import guide_for
 
     checker = Checker(spec.contract)
@@ -54,7 +55,8 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     # every system decodes under the same guide, so the comparison stays fair
     params = GenParams(max_new_tokens=spec.eval.max_new_tokens, temperature=spec.eval.temperature,
                        seed=spec.eval.seed, guide=guide_for(spec.contract))
-    judge_engine = _judge_engine(spec, registry)
+    judge_engine, judge_recipe = _judge_engine(spec, registry)
+    policy = FanOut.from_spec(spec.eval)
     n_boot, seed = spec.eval.bootstrap, spec.eval.seed
     all_rows: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, Any]] = {}
@@ -70,9 +72,12 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
             chats = runner.build_chats(examples, system=system.system_prompt, strip_system=system.strip_system,
                                        fewshot=system.fewshot, force_system=system.force_system)
             rows, wall = runner.generate_rows(engine, examples, chats, checker, params, judge_engine=judge_engine,
-                                              rubric=spec.eval.judge.rubric if spec.eval.judge else None)
+                                              rubric=spec.eval.judge.rubric if spec.eval.judge else None,
+                                              recipe=sources.engine_recipe(system, spec, registry, progress=False),
+                                              judge_recipe=judge_recipe, fan_out=policy)
             all_rows[system.name][set_name] = rows
             summaries[system.name][set_name] = runner.summarize(rows, kind, labels, wall, n_boot=n_boot, seed=seed)
+            summaries[system.name][set_name]["perf"]["fanned_out"] = should_fan_out(len(chats), policy)
         del engine
     primary_set = next((s for s in PRIMARY_SET_ORDER if s in sets), next(iter(sets)))
     primary_metric = _primary_metric(spec, kind)
@@ -134,12 +139,16 @@ def _primary_metric(spec, kind: str) -> str:
 
 
 def _judge_engine(spec, registry):
+    """(the judge engine, its recipe for fanning out), or (None, None) without a judge."""
     j = spec.eval.judge
     if j is None:
-        return None
+        return None, None
     from pipelines.engines import get_engine
+    from pipelines.fanout import EngineRecipe
 
-    return get_engine(j.engine, model=j.model, url=j.url, registry=registry, api_key_env=j.api_key_env)
+    kwargs = {"model": j.model, "url": j.url, "api_key_env": j.api_key_env}
+    recipe = EngineRecipe(j.engine, kwargs, registry_uri=registry.uri, cache_dir=str(registry.cache_dir))
+    return get_engine(j.engine, registry=registry, **kwargs), recipe
 
 
 def results_of(registry, eval_ref: str) -> tuple[Any, dict]:
@@ -210,12 +219,15 @@ def score_records(checker, predictions: list[dict], references: list[dict], *, n
     return result
 
 
-def predict(engine, examples, *, params, system_prompt: str | None = None) -> list[dict]:
+def predict(engine, examples, *, params, system_prompt: str | None = None, recipe=None,
+            fan_out=None) -> list[dict]:
     """``{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens"}`` per example; a
-    row without a system message gets ``system_prompt`` (the model's saved default)."""
+    row without a system message gets ``system_prompt`` (the model's saved default). With
+    ``recipe`` a large input fans out over Ray actors (``pipelines.fanout``)."""
+    from pipelines import fanout
     from pipelines.evaluate.runner import build_chats
 
     chats = build_chats(examples, system=system_prompt)
-    outs = engine.generate(chats, params)
+    outs = fanout.generate(engine, chats, params, recipe=recipe, policy=fan_out)
     return [{"id": ex.id, "output": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
              "completion_tokens": o.completion_tokens} for ex, o in zip(examples, outs)]
