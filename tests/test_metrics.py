@@ -97,7 +97,14 @@ def test_parallel_calls_subset_arguments_pair_optimally():
     bad = [dict(ref[1], arguments={"q": "hotels rome", "max_price": 90}), ref[0]]
     rows, m = score(c, [json.dumps(bad)], [ref])
     assert not rows[0]["call_ok"] and rows[0]["args_right"] == 2 and m["argument_accuracy"] == pytest.approx(2 / 3)
-    assert M._match_calls(bad and M.reference_calls(bad), M.reference_calls(ref)) == (1, 2, 2)
+    assert M._match_calls(M.reference_calls(bad), M.reference_calls(ref)) == (1, 2, 2)
+    # JSON has one number type: 120.0 is the reference's 120; true is not 1
+    rows, _ = score(c, [json.dumps([ref[0], dict(ref[1], arguments={"q": "hotels rome", "max_price": 120.0})])],
+                    [ref])
+    assert rows[0]["call_ok"]
+    rows, _ = score(c, [json.dumps({"name": "search", "arguments": {"q": True}})],
+                    [{"name": "search", "arguments": {"q": 1}}])
+    assert not rows[0]["call_ok"]
 
 
 def _function_calling_cases(n: int):

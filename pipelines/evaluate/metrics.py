@@ -62,8 +62,19 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix or "$": value}
 
 
+def _same_numbers(value: Any) -> Any:
+    """JSON has one number type: 2.0 and 2 are the same value (true stays a boolean)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_numbers(v) for v in value]
+    return value
+
+
 def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return json.dumps(_same_numbers(value), sort_keys=True, ensure_ascii=False)
 
 
 def _parse_json(text: Any) -> tuple[bool, Any]:
