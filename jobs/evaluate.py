@@ -198,7 +198,8 @@ def gate_cmd(eval_ref: str = typer.Argument(..., metavar="EVAL_REF", help="An ev
              set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Apply the spec's release gates to an eval: exit 0 pass, 1 fail (each failed gate with its numbers).
 
-    Gates: {metric, eval_set, min, max, beats, margin, against}; metric may be a contract metric,
+    Gates: {metric, eval_set, min, max, beats, margin, against, on}; on: lower_bound (or upper_bound)
+    compares that end of the metric's 95% interval instead of its value; metric may be a contract metric,
     latency_p95_s, or regressions (with against: a baseline such as TASK@production). For json
     and tool_call contracts valid_rate >= eval.min_valid_rate (0.99) applies unless a gate names it.
     The verdict is recorded in the registry. --json prints {"passed", "checks", "failed", "eval", "verdict_record"}.
@@ -213,7 +214,8 @@ def gate_cmd(eval_ref: str = typer.Argument(..., metavar="EVAL_REF", help="An ev
         for c in verdict["checks"]:
             mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
             v = "–" if c["value"] is None else f"{c['value']:.4g}"
-            out.print(f"{mark} {c['metric']} on {c['eval_set']}: {v}  {'; '.join(c['reasons'])}", highlight=False)
+            on = f" ({c['on']})" if c.get("on", "value") != "value" else ""
+            out.print(f"{mark} {c['metric']}{on} on {c['eval_set']}: {v}  {'; '.join(c['reasons'])}", highlight=False)
         if verdict.get("note"):
             out.print(verdict["note"])
         out.print(f"verdict {'PASS' if verdict['passed'] else 'FAIL'} recorded as {record.id}", highlight=False)
