@@ -10,6 +10,9 @@ json ``parse_rate``, ``schema_valid_rate``, ``field_precision``, ``field_recall`
 ``call_accuracy``, ``no_call_accuracy``; every contract ``valid_rate`` (the contract's verdict), and under
 constrained greedy decoding ``unconstrained_valid_rate``: rows valid without the constraint ever
 overriding the model's choice, i.e. the validity the same model has decoding freely.
+
+``rates`` names the metrics that are a share of rows (with their counts); ``intervals`` gives
+those Wilson intervals and every other metric a BCa bootstrap one, each with its method.
 """
 
 from __future__ import annotations
@@ -243,8 +246,7 @@ def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> d
     """The named metrics for rows of one contract type (see the module doc)."""
     if not rows:
         return {}
-    counted = rates(kind, rows)
-    m: dict[str, float] = {}
+    m: dict[str, float] = {name: k / n for name, (k, n) in rates(kind, rows).items()}
     if kind == "text":
         m["token_f1"] = _mean(r["f1"] for r in rows)
     elif kind == "label":
@@ -261,9 +263,8 @@ def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> d
     elif kind == "tool_call":
         calls = [r for r in rows if r["expects_call"]]
         n_args = sum(r["n_args"] for r in calls)
-        m.update(parse_rate=1.0,  # nothing expected a call: nothing could fail to parse
-                 argument_accuracy=sum(r["args_right"] for r in calls) / n_args if n_args else 1.0)
-    m.update({name: k / n for name, (k, n) in counted.items()})
+        m.setdefault("parse_rate", 1.0)  # nothing expected a call: nothing could fail to parse
+        m["argument_accuracy"] = sum(r["args_right"] for r in calls) / n_args if n_args else 1.0
     scores = [r["judge"] for r in rows if r.get("judge") is not None]
     if scores:
         m["judge_score"] = _mean(scores)
