@@ -49,13 +49,12 @@ def _spec_dict(registry, run, ev) -> dict | None:
 def _licence(registry, spec: dict | None, base) -> str:
     if spec and spec.get("model", {}).get("license"):
         return spec["model"]["license"]
-    for m in (base,):  # a model card's YAML front matter (`license: apache-2.0`), as hubs ship it
-        if m is not None and "README.md" in m.files:
-            text = registry.read_file(m.id, "README.md").decode(errors="replace")
-            if text.startswith("---"):
-                for line in text.split("---", 2)[1].splitlines():
-                    if line.strip().lower().startswith("license:"):
-                        return line.split(":", 1)[1].strip()
+    if base is not None and "README.md" in base.files:  # a hub model card's front matter: `license: apache-2.0`
+        text = registry.read_file(base.id, "README.md").decode(errors="replace")
+        if text.startswith("---"):
+            for line in text.split("---", 2)[1].splitlines():
+                if line.strip().lower().startswith("license:"):
+                    return line.split(":", 1)[1].strip()
     return NOT_RECORDED
 
 
