@@ -16,15 +16,16 @@ from jobs.common import (CheckFailed, JsonOpt, RegistryOpt, SetOpt, command, emi
                          run_standalone)
 
 
-def _metrics_table(title: str, metrics: dict, ci: dict | None = None):
+def _metrics_table(title: str, metrics: dict, ci: dict | None = None, ci_method: dict | None = None):
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for col in ("metric", "value", "95% CI"):
+    for col in ("metric", "value", "95% CI", "CI method"):
         t.add_column(col)
     for k, v in metrics.items():
         c = (ci or {}).get(k)
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v), f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v), f"[{c[0]:.3f}, {c[1]:.3f}]" if c else "",
+                  (ci_method or {}).get(k, ""))
     return t
 
 
@@ -59,7 +60,8 @@ def eval_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The spe
 
     def human():
         pm, ps = results["primary_metric"], results["primary_set"]
-        out.print(_metrics_table(f"{m.id} — set '{ps}', {results['n']} examples", results["metrics"], results["ci"]))
+        out.print(_metrics_table(f"{m.id} — set '{ps}', {results['n']} examples", results["metrics"], results["ci"],
+                                 results.get("ci_method")))
         for b, r in results["baselines"].items():
             d = r["sets"][ps]["compare"]["delta"].get(pm)
             if d:
@@ -83,17 +85,28 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
               references: Path = typer.Option(..., "--references", help="JSONL rows {id, output} (or canonical "
                                               "messages rows; for tool calls the expected call(s))."),
               bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Resamples for the 95% CIs."),
+              gate: Optional[list[str]] = typer.Option(None, "--gate", help="A release gate as a YAML mapping, "
+                                                       "e.g. '{metric: valid_rate, min: 0.95, on: lower_bound}'; "
+                                                       "repeatable; exit 1 when one fails."),
               as_json: bool = JsonOpt):
     """Score given outputs against references without a model (rows joined by `id`).
 
     Example: crucible score --contract label --labels pos,neg --predictions p.jsonl --references r.jsonl --json
-    prints {"n", "metrics": {"accuracy", "macro_f1", "valid_rate"}, "ci", "labels", ...}.
+    prints {"n", "metrics": {"accuracy", "macro_f1", "valid_rate"}, "ci", "ci_method", "labels", ...}:
+    rates get Wilson intervals, other metrics BCa bootstrap ones. With --gate, "gate" holds the verdict.
     """
+    import yaml
     from pipelines.contract import Checker
     from pipelines.evaluate import score_records
     from pipelines.evaluate.rows import read_records
-    from pipelines.spec import Contract
+    from pipelines.spec import Contract, Gate
 
+    gates = []
+    for n, text in enumerate(gate or []):
+        try:
+            gates.append(Gate.model_validate(yaml.safe_load(text)))
+        except Exception as e:  # pydantic's message names the field
+            raise ValueError(f"--gate #{n + 1} {text!r}: {e}") from None
     raw: dict = {"type": contract}
     if schema:
         raw["schema"] = json.loads(schema.read_text())
@@ -112,11 +125,21 @@ def score_cmd(contract: str = typer.Option(..., "--contract", help="text, label,
         c = Contract.model_validate(raw)
     except Exception as e:  # pydantic's message names the field
         raise ValueError(f"contract: {e}") from None
-    result = score_records(Checker(c), read_records(predictions), read_records(references), n_boot=bootstrap)
-    emit(result, as_json, lambda: (out.print(_metrics_table(f"{result['n']} scored rows", result["metrics"],
-                                                            result["ci"])),
-                                   result["missing_predictions"] and err.print(
-                                       f"{result['missing_predictions']} reference(s) had no prediction")))
+    result = score_records(Checker(c), read_records(predictions), read_records(references), n_boot=bootstrap,
+                           gates=gates)
+
+    def human():
+        out.print(_metrics_table(f"{result['n']} scored rows", result["metrics"], result["ci"], result["ci_method"]))
+        if result["missing_predictions"]:
+            err.print(f"{result['missing_predictions']} reference(s) had no prediction")
+        for ch in result.get("gate", {}).get("checks", []):
+            v = "–" if ch["value"] is None else f"{ch['value']:.4g}"
+            out.print(f"{'✓' if ch['passed'] else '✗'} {ch['metric']} ({ch['on']}): {v}  {'; '.join(ch['reasons'])}",
+                      highlight=False)
+
+    emit(result, as_json, human)
+    if gates and not result["gate"]["passed"]:
+        raise typer.Exit(1)
 
 
 def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Registry id, TASK@ALIAS or folder."),
@@ -129,6 +152,9 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
                 batch_size: int = typer.Option(16, "--batch-size", min=1),
                 free: bool = typer.Option(False, "--free", help="Decode without the model's saved contract "
                                           "(when it was trained with contract.constrained_decoding)."),
+                fan_out: str = typer.Option("auto", "--fan-out", help="auto (over Ray actors from --min-rows rows, "
+                                            "or on an attached cluster), always or never."),
+                min_rows: int = typer.Option(2000, "--min-rows", min=1, help="Rows from which auto fans out."),
                 registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Batch inference on arbitrary rows, keeping each row's id and writing its output.
 
@@ -141,15 +167,21 @@ def predict_cmd(model: str = typer.Argument(..., metavar="MODEL_REF", help="Regi
     from pipelines.engines import GenParams, get_engine
     from pipelines.evaluate import predict
     from pipelines.evaluate.rows import read_examples
+    from pipelines.fanout import EngineRecipe, FanOut
 
+    if fan_out not in ("auto", "always", "never"):
+        raise ValueError(f"--fan-out {fan_out!r}: choose auto, always or never")
     examples = read_examples(input, need_reference=False)
     reg = open_registry(registry)
     eng = get_engine(engine, model=model, registry=reg, batch_size=batch_size, progress=not as_json)
+    recipe = EngineRecipe(engine, {"model": model, "batch_size": batch_size}, registry_uri=reg.uri,
+                          cache_dir=str(reg.cache_dir))
     start = time.perf_counter()
     guide = None if free else getattr(eng, "default_guide", None)
     rows = predict(eng, examples, params=GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                                    guide=guide),
-                   system_prompt=getattr(eng, "default_system_prompt", None))
+                   system_prompt=getattr(eng, "default_system_prompt", None), recipe=recipe,
+                   fan_out=FanOut(mode=fan_out, min_rows=min_rows, shard_rows=batch_size * 4))
     wall = time.perf_counter() - start
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -166,7 +198,8 @@ def gate_cmd(eval_ref: str = typer.Argument(..., metavar="EVAL_REF", help="An ev
              set_: Optional[list[str]] = SetOpt, registry: Optional[str] = RegistryOpt, as_json: bool = JsonOpt):
     """Apply the spec's release gates to an eval: exit 0 pass, 1 fail (each failed gate with its numbers).
 
-    Gates: {metric, eval_set, min, max, beats, margin, against}; metric may be a contract metric,
+    Gates: {metric, eval_set, min, max, beats, margin, against, on}; on: lower_bound (or upper_bound)
+    compares that end of the metric's 95% interval instead of its value; metric may be a contract metric,
     latency_p95_s, or regressions (with against: a baseline such as TASK@production). For json
     and tool_call contracts valid_rate >= eval.min_valid_rate (0.99) applies unless a gate names it.
     The verdict is recorded in the registry. --json prints {"passed", "checks", "failed", "eval", "verdict_record"}.
@@ -181,7 +214,8 @@ def gate_cmd(eval_ref: str = typer.Argument(..., metavar="EVAL_REF", help="An ev
         for c in verdict["checks"]:
             mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
             v = "–" if c["value"] is None else f"{c['value']:.4g}"
-            out.print(f"{mark} {c['metric']} on {c['eval_set']}: {v}  {'; '.join(c['reasons'])}", highlight=False)
+            on = f" ({c['on']})" if c.get("on", "value") != "value" else ""
+            out.print(f"{mark} {c['metric']}{on} on {c['eval_set']}: {v}  {'; '.join(c['reasons'])}", highlight=False)
         if verdict.get("note"):
             out.print(verdict["note"])
         out.print(f"verdict {'PASS' if verdict['passed'] else 'FAIL'} recorded as {record.id}", highlight=False)

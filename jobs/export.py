@@ -39,6 +39,8 @@ def export_cmd(model: str = ModelArg,
     **safetensors**: a transformers folder (weights, tokenizer with its chat template, generation
     config, crucible.json with the system prompt) that `crucible predict OUT` loads.
 
+    A registry model's card (MODEL_CARD.md, model_card.json; see `crucible card`) is written beside it.
+
     Example: `crucible export support-triage@production --format gguf --quant q8_0 --out /tmp/triage`.
     Nothing is registered. `--json` prints {"out", "gguf", "modelfile", "size", "seconds", ...}.
     """
@@ -49,7 +51,7 @@ def export_cmd(model: str = ModelArg,
         stem = name or Path(str(model).replace("@", "-")).name
         out_dir = Path("exports") / f"{stem}-{fmt}"
     log = (lambda msg: None) if as_json else (lambda msg: err.print(msg, highlight=False, markup=False))
-    info = export(model, out_dir, fmt=fmt, quant=quant, registry=reg, name=name, log=log)
+    info = export(model, out_dir, fmt=fmt, quant=quant, registry=reg, name=name, log=log, card=True)
 
     def human():
         what = f"{info['gguf']} ({info['quant']})" if fmt == "gguf" else f"{out_dir} ({info['dtype']})"
@@ -60,6 +62,8 @@ def export_cmd(model: str = ModelArg,
             out.print(f"Modelfile: chat template {info['template'] or '(not translated; Ollama uses the GGUF one)'}, "
                       f"stop {', '.join(info['stop'])}; next: cd {out_dir} && ollama create {info['name']} "
                       "-f Modelfile", highlight=False, markup=False)
+        if info.get("card"):
+            out.print(f"model card: {info['card'][0]}", highlight=False, markup=False)
 
     emit(info, as_json, human)
 

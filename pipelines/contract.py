@@ -1,8 +1,14 @@
 """What a valid output is — the one definition the factory gates, eval metrics and live canary share.
 
 ``Checker(contract).check(text)`` returns a ``Verdict``: valid or not, a short machine reason
-(``json_parse``, ``schema``, ``label``, ``unknown_tool``, ``tool_arguments``, ``empty``) with a
-human detail, and the parsed value (the label, the JSON object, the list of tool calls).
+(``json_parse``, ``schema``, ``format``, ``label``, ``unknown_tool``, ``tool_arguments``, ``empty``)
+with a human detail, and the parsed value (the label, the JSON object, the list of tool calls).
+
+JSON Schema ``format`` keywords are enforced (jsonschema's FormatChecker) for the formats in
+``FORMATS_CHECKED``: date, time, date-time, email, idn-email, hostname, idn-hostname, ipv4, ipv6,
+uri, uri-reference, uri-template, json-pointer, relative-json-pointer, regex, uuid (date-time,
+hostname, uri and the pointers through small pure-Python packages we pin). A format outside that
+set cannot be checked; ``Checker.unchecked_formats`` names those a contract uses, and eval reports them.
 """
 
 from __future__ import annotations
@@ -28,9 +34,31 @@ class Verdict:
         return "valid" if self.valid else f"{self.reason}: {self.detail}" if self.detail else str(self.reason)
 
 
+FORMAT_CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
+FORMATS_CHECKED = frozenset(FORMAT_CHECKER.checkers)
+
+
 def _schema_of(contract: Contract) -> dict | None:
     s = contract.schema_
     return json.loads(Path(s).read_text()) if isinstance(s, str) else s
+
+
+def _validator(schema: dict):
+    return jsonschema.validators.validator_for(schema)(schema, format_checker=FORMAT_CHECKER)
+
+
+def formats_in(schema: Any) -> set[str]:
+    """Every ``format`` value named anywhere in a JSON Schema."""
+    found: set[str] = set()
+    if isinstance(schema, dict):
+        if isinstance(schema.get("format"), str):
+            found.add(schema["format"])
+        for v in schema.values():
+            found |= formats_in(v)
+    elif isinstance(schema, list):
+        for v in schema:
+            found |= formats_in(v)
+    return found
 
 
 class Checker:
@@ -38,10 +66,11 @@ class Checker:
         self.contract = contract
         self.type = contract.type
         schema = _schema_of(contract)
-        self._validator = jsonschema.validators.validator_for(schema)(schema) if schema else None
+        self._validator = _validator(schema) if schema else None
         self._labels = {l.strip().lower(): l for l in contract.labels or []}
-        self._tools = {t.name: jsonschema.validators.validator_for(t.parameters)(t.parameters)
-                       for t in contract.tools}
+        self._tools = {t.name: _validator(t.parameters) for t in contract.tools}
+        used = formats_in(schema) | set().union(*(formats_in(t.parameters) for t in contract.tools))
+        self.unchecked_formats = sorted(used - FORMATS_CHECKED)
 
     def check(self, text: str | None) -> Verdict:
         if text is None or not str(text).strip():
@@ -67,7 +96,8 @@ class Checker:
             error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
             if error is not None:
                 where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-                return Verdict(False, "schema", f"{where}: {error.message}", value)
+                reason = "format" if error.validator == "format" else "schema"
+                return Verdict(False, reason, f"{where}: {error.message}", value)
         return Verdict(True, value=value)
 
     def _check_tool_calls(self, value: Any) -> Verdict:

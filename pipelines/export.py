@@ -61,12 +61,14 @@ def merge_registered(registry, ref: str, *, reuse: bool = False):
 
 # -- export ----------------------------------------------------------------------------------------
 def export(ref: str, out: str | Path, *, fmt: str, quant: str | None = None, registry=None,
-           name: str | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+           name: str | None = None, log: Callable[[str], None] = lambda msg: None,
+           card: bool = False) -> dict[str, Any]:
     """Write ``ref`` (folder, registry id, TASK@ALIAS; full model or LoRA adapter) to ``out``.
 
     ``gguf``: ``out/<name>.gguf`` (quant f16 by default, f32 or q8_0) and ``out/Modelfile``.
     ``safetensors``: a transformers folder (weights in the source dtype by default, or f32/f16/bf16),
     tokenizer with its chat template, generation config and ``crucible.json`` (system prompt, decoding guide).
+    ``card``: a registry model also gets its ``MODEL_CARD.md`` and ``model_card.json`` beside the weights.
     """
     from pipelines.engines.loading import load_for_inference, resolve_model
 
@@ -104,6 +106,10 @@ def export(ref: str, out: str | Path, *, fmt: str, quant: str | None = None, reg
                     template=mf["template"], stop=mf["stop"], default_system_prompt=mf["default_system_prompt"])
     else:
         info.update(_write_safetensors(model, tokenizer, resolved, out, quant, ref))
+    if card and resolved.ref:  # a folder outside the registry has no manifests to build a card from
+        from pipelines.card import write as write_card
+
+        info["card"] = write_card(registry, resolved.ref, out)["files"]
     info["seconds"] = round(time.perf_counter() - start, 2)
     return info
 

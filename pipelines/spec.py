@@ -187,6 +187,7 @@ class ModelSpec(Strict):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    license: str | None = Field(None, description="the base model's licence (SPDX id), for the model card")
 
 
 class LoRA(Strict):
@@ -266,6 +267,17 @@ class Judge(Strict):
     rubric: str | None = None
 
 
+class FanOut(Strict):
+    """When eval/predict/judge generation fans out over Ray actors (see pipelines.fanout)."""
+    mode: Literal["auto", "always", "never"] = Field("auto", description="auto: at min_rows rows, or on "
+                                                     "an attached cluster (RAY_ADDRESS)")
+    min_rows: int = Field(2000, ge=1)
+    actors: int | None = Field(None, ge=1, description="default: the cluster's CPUs / cpus_per_actor")
+    cpus_per_actor: float = Field(0.5, gt=0, description="fractional: whole CPUs per actor starve Ray Data's "
+                                  "reads on small nodes (STACK-NOTES hang #1)")
+    shard_rows: int = Field(64, ge=1, description="rows per actor call; keep it a multiple of batch_size")
+
+
 class Eval(Strict):
     engine: Literal["auto", "hf", "vllm", "http"] = "auto"
     url: str | None = None
@@ -280,6 +292,7 @@ class Eval(Strict):
     limit: int | None = Field(None, ge=1, description="evaluate only the first N rows of each set")
     min_valid_rate: float | None = Field(0.99, ge=0, le=1, description="implicit gate on valid_rate for "
                                          "json/tool_call contracts unless a gate names it; null: off")
+    fan_out: FanOut = Field(default_factory=FanOut)
 
 
 class Gate(Strict):
@@ -291,6 +304,18 @@ class Gate(Strict):
     margin: float = 0.0
     against: str | None = Field(None, description="the baseline a per-example metric such as "
                                 "`regressions` compares with (e.g. production)")
+    on: Literal["value", "lower_bound", "upper_bound"] = Field(
+        "value", description="what min/max compare: the point value or an end of its 95% interval "
+        "(lower_bound: the rate must be above min with confidence); with beats, lower_bound asks the "
+        "paired delta's interval to clear the margin")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _has_bound(self) -> "Gate":
@@ -326,6 +351,8 @@ class Deploy(Strict):
     shadow_timeout_s: float = Field(30.0, gt=0, description="a shadow answer later than this is logged as a timeout")
     log_requests: bool = True
     log_flush_rows: int = Field(200, ge=1, description="request-log rows per registry manifest")
+    node_hour_usd: float | None = Field(None, ge=0, description="price of one serving node for an hour; the "
+                                        "model card turns measured throughput into cost per 1k requests")
 
 
 class Spec(Strict):

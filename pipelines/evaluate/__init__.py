@@ -2,7 +2,7 @@
 
 ``run(spec, registry, model_ref, baselines)`` is the stage; ``score_files`` scores given outputs
 without a model; ``predict`` runs batch inference; ``gate`` applies the spec's gates to an eval.
-Modules: ``metrics`` (per-contract metrics, bootstrap), ``judge`` (LLM-as-judge), ``rows``
+Modules: ``metrics`` (per-contract metrics, intervals), ``judge`` (LLM-as-judge), ``rows``
 (reading rows), ``sources`` (eval sets, baselines), ``runner`` (generate + summarise), ``report``
 (md/html), ``gates``.
 """
@@ -41,6 +41,7 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     from pipelines.engines import GenParams
     from pipelines.engines.loading import is_registry_ref
     from pipelines.evaluate import report, runner, sources
+    from pipelines.fanout import FanOut, should_fan_out
     from pipelines.guide import guide_for
 
     checker = Checker(spec.contract)
@@ -54,7 +55,8 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     # every system decodes under the same guide, so the comparison stays fair
     params = GenParams(max_new_tokens=spec.eval.max_new_tokens, temperature=spec.eval.temperature,
                        seed=spec.eval.seed, guide=guide_for(spec.contract))
-    judge_engine = _judge_engine(spec, registry)
+    judge_engine, judge_recipe = _judge_engine(spec, registry)
+    policy = FanOut.from_spec(spec.eval)
     n_boot, seed = spec.eval.bootstrap, spec.eval.seed
     all_rows: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, Any]] = {}
@@ -70,9 +72,12 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
             chats = runner.build_chats(examples, system=system.system_prompt, strip_system=system.strip_system,
                                        fewshot=system.fewshot, force_system=system.force_system)
             rows, wall = runner.generate_rows(engine, examples, chats, checker, params, judge_engine=judge_engine,
-                                              rubric=spec.eval.judge.rubric if spec.eval.judge else None)
+                                              rubric=spec.eval.judge.rubric if spec.eval.judge else None,
+                                              recipe=sources.engine_recipe(system, spec, registry, progress=False),
+                                              judge_recipe=judge_recipe, fan_out=policy)
             all_rows[system.name][set_name] = rows
             summaries[system.name][set_name] = runner.summarize(rows, kind, labels, wall, n_boot=n_boot, seed=seed)
+            summaries[system.name][set_name]["perf"]["fanned_out"] = should_fan_out(len(chats), policy)
         del engine
     primary_set = next((s for s in PRIMARY_SET_ORDER if s in sets), next(iter(sets)))
     primary_metric = _primary_metric(spec, kind)
@@ -81,8 +86,9 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
         "model": systems[0].describe, "task": spec.task, "contract": kind, "engine": engine_used,
         "dataset": dataset_id, "primary_set": primary_set, "primary_metric": primary_metric,
         "n": model_sets[primary_set]["n"], "metrics": model_sets[primary_set]["metrics"],
-        "ci": model_sets[primary_set]["ci"], "perf": model_sets[primary_set]["perf"],
-        "sets": model_sets, "baselines": {}}
+        "ci": model_sets[primary_set]["ci"], "ci_method": model_sets[primary_set]["ci_method"],
+        "perf": model_sets[primary_set]["perf"],
+        "sets": model_sets, "baselines": {}, "unchecked_formats": checker.unchecked_formats}
     for system in systems[1:]:
         bsets = {}
         for set_name in sets:
@@ -133,12 +139,16 @@ def _primary_metric(spec, kind: str) -> str:
 
 
 def _judge_engine(spec, registry):
+    """(the judge engine, its recipe for fanning out), or (None, None) without a judge."""
     j = spec.eval.judge
     if j is None:
-        return None
+        return None, None
     from pipelines.engines import get_engine
+    from pipelines.fanout import EngineRecipe
 
-    return get_engine(j.engine, model=j.model, url=j.url, registry=registry, api_key_env=j.api_key_env)
+    kwargs = {"model": j.model, "url": j.url, "api_key_env": j.api_key_env}
+    recipe = EngineRecipe(j.engine, kwargs, registry_uri=registry.uri, cache_dir=str(registry.cache_dir))
+    return get_engine(j.engine, registry=registry, **kwargs), recipe
 
 
 def results_of(registry, eval_ref: str) -> tuple[Any, dict]:
@@ -168,8 +178,9 @@ def gate(registry, eval_ref: str, spec=None) -> tuple[dict, Any]:
 
 
 def score_records(checker, predictions: list[dict], references: list[dict], *, n_boot: int = 1000,
-                  seed: int = 0) -> dict[str, Any]:
-    """Score prediction rows against reference rows joined by ``id`` (no model involved)."""
+                  seed: int = 0, gates: list | None = None) -> dict[str, Any]:
+    """Score prediction rows against reference rows joined by ``id`` (no model involved); with
+    ``gates`` (spec ``Gate`` entries) the verdict on the scored rows is in ``result["gate"]``."""
     from pipelines.evaluate import metrics as M
     from pipelines.evaluate.rows import to_example
 
@@ -194,20 +205,29 @@ def score_records(checker, predictions: list[dict], references: list[dict], *, n
         row["id"] = i
         rows.append(row)
     fn = lambda rs: M.aggregate(checker.type, rs, checker.contract.labels)  # noqa: E731
-    result = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+    ci, ci_method = M.intervals(checker.type, rows, checker.contract.labels, n=n_boot, seed=seed)
+    result = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
               "missing_predictions": len(missing), "unmatched_predictions": len(extra),
+              "unchecked_formats": checker.unchecked_formats,
               "missing_ids": missing[:20]}
     if checker.type == "label":
         result["labels"] = M.label_report(rows, list(checker.contract.labels or []))
+    if gates:
+        from pipelines.evaluate.gates import check
+
+        result["gate"] = check({"sets": {"scored": result}}, [g.model_dump() for g in gates])
     return result
 
 
-def predict(engine, examples, *, params, system_prompt: str | None = None) -> list[dict]:
+def predict(engine, examples, *, params, system_prompt: str | None = None, recipe=None,
+            fan_out=None) -> list[dict]:
     """``{"id", "output", "finish_reason", "prompt_tokens", "completion_tokens"}`` per example; a
-    row without a system message gets ``system_prompt`` (the model's saved default)."""
+    row without a system message gets ``system_prompt`` (the model's saved default). With
+    ``recipe`` a large input fans out over Ray actors (``pipelines.fanout``)."""
+    from pipelines import fanout
     from pipelines.evaluate.runner import build_chats
 
     chats = build_chats(examples, system=system_prompt)
-    outs = engine.generate(chats, params)
+    outs = fanout.generate(engine, chats, params, recipe=recipe, policy=fan_out)
     return [{"id": ex.id, "output": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
              "completion_tokens": o.completion_tokens} for ex, o in zip(examples, outs)]

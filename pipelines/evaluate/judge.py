@@ -59,8 +59,12 @@ def judge_prompt(instruction: str, reference: str, response: str, rubric: str | 
 
 
 def judge(engine, items: list[tuple[str, str, str]], *, rubric: str | None = None,
-          max_new_tokens: int = 16, seed: int = 0) -> list[dict]:
-    """Score ``(instruction, reference, response)`` triples; returns ``{"judge": score|None, "judge_reply"}``."""
+          max_new_tokens: int = 16, seed: int = 0, recipe=None, fan_out=None) -> list[dict]:
+    """Score ``(instruction, reference, response)`` triples; returns ``{"judge": score|None, "judge_reply"}``.
+    With ``recipe`` (``pipelines.fanout``) a large set is judged over Ray actors."""
+    from pipelines import fanout
+
     chats = [judge_prompt(i, r, p, rubric) for i, r, p in items]
-    outs = engine.generate(chats, GenParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed))
+    outs = fanout.generate(engine, chats, GenParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed),
+                           recipe=recipe, policy=fan_out)
     return [{"judge": parse_score(o.text), "judge_reply": o.text[:500]} for o in outs]

@@ -10,6 +10,9 @@ json ``parse_rate``, ``schema_valid_rate``, ``field_precision``, ``field_recall`
 ``call_accuracy``, ``no_call_accuracy``; every contract ``valid_rate`` (the contract's verdict), and under
 constrained greedy decoding ``unconstrained_valid_rate``: rows valid without the constraint ever
 overriding the model's choice, i.e. the validity the same model has decoding freely.
+
+``rates`` names the metrics that are a share of rows (with their counts); ``intervals`` gives
+those Wilson intervals and every other metric a BCa bootstrap one, each with its method.
 """
 
 from __future__ import annotations
@@ -62,8 +65,19 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix or "$": value}
 
 
+def _same_numbers(value: Any) -> Any:
+    """JSON has one number type: 2.0 and 2 are the same value (true stays a boolean)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_numbers(v) for v in value]
+    return value
+
+
 def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return json.dumps(_same_numbers(value), sort_keys=True, ensure_ascii=False)
 
 
 def _parse_json(text: Any) -> tuple[bool, Any]:
@@ -90,28 +104,36 @@ def reference_calls(ref: Any) -> list[dict]:
 
 
 def _match_calls(pred: list[dict], ref: list[dict]) -> tuple[int, int, int]:
-    """Greedy order-insensitive matching: (calls matched exactly, names matched, arguments right).
+    """Optimal order-insensitive pairing: (calls matched exactly, names matched, arguments right).
 
-    Each reference call is paired with the unused predicted call of the same name that agrees on
-    the most arguments, so parallel calls in any order score as they should.
+    Reference and predicted calls of the same name are paired by an assignment (Hungarian, scipy)
+    that maximises exact matches first, then arguments right, then pairs. A greedy pairing goes
+    wrong when one call's arguments are a subset of another's of the same function.
     """
-    used: set[int] = set()
-    exact = names = args_right = 0
-    for rc in ref:
-        best, best_score = None, -1
-        for j, pc in enumerate(pred):
-            if j in used or pc["name"] != rc["name"]:
-                continue
-            score = sum(_canon(pc["arguments"].get(k)) == _canon(v) for k, v in rc["arguments"].items())
-            if score > best_score:
-                best, best_score = j, score
-        if best is None:
-            continue
-        used.add(best)
-        names += 1
-        args_right += best_score
-        exact += _canon(pred[best]["arguments"]) == _canon(rc["arguments"])
-    return exact, names, args_right
+    if not pred or not ref:
+        return 0, 0, 0
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    args = [[sum(_canon(pc["arguments"].get(k)) == _canon(v) for k, v in rc["arguments"].items()) for pc in pred]
+            for rc in ref]
+    exact = [[_canon(pc["arguments"]) == _canon(rc["arguments"]) for pc in pred] for rc in ref]
+    same = [[pc["name"] == rc["name"] for pc in pred] for rc in ref]
+    # lexicographic weights: one exact match outweighs any number of arguments, one argument any
+    # number of name-only pairs; pairs of different names are never taken
+    n_pairs = min(len(pred), len(ref)) + 1
+    per_arg = n_pairs
+    per_exact = per_arg * (sum(len(rc["arguments"]) for rc in ref) + 1) * n_pairs
+    w = np.array([[(per_exact * exact[i][j] + per_arg * args[i][j] + 1) if same[i][j] else -1
+                   for j in range(len(pred))] for i in range(len(ref))], dtype=float)
+    rows, cols = linear_sum_assignment(w, maximize=True)
+    n_exact = names = args_right = 0
+    for i, j in zip(rows, cols):
+        if same[i][j]:
+            names += 1
+            args_right += args[i][j]
+            n_exact += exact[i][j]
+    return n_exact, names, args_right
 
 
 # -- per example -----------------------------------------------------------------------------------
@@ -185,16 +207,49 @@ def label_report(rows: list[dict], labels: list[str]) -> dict[str, Any]:
     return {"per_label": per_label, "confusion": {k: dict(v) for k, v in confusion.items()}}
 
 
+def rates(kind: str, rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """The metrics that are a share of rows: ``{metric: (successes, trials)}``.
+
+    These get binomial (Wilson) intervals; every other metric gets a bootstrap. ``aggregate``
+    reads its rates from here, so the two never disagree on what a rate counts.
+    """
+    def share(pred, subset=None) -> tuple[int, int]:
+        rs = rows if subset is None else subset
+        return sum(bool(pred(r)) for r in rs), len(rs)
+
+    out = {"valid_rate": share(lambda r: r["valid"])}
+    if kind == "text":
+        out.update(exact_match=share(lambda r: r["exact"]), normalized_match=share(lambda r: r["normalized"]))
+    elif kind == "label":
+        out["accuracy"] = share(lambda r: r["correct"])
+    elif kind == "json":
+        out.update(parse_rate=share(lambda r: r["parsed"]), schema_valid_rate=out["valid_rate"],
+                   exact_record_rate=share(lambda r: r["exact_record"]))
+        for key in sorted({k for r in rows for k in r.get("fields", {})}):
+            out[f"{key}_accuracy"] = share(lambda r, key=key: r.get("fields", {}).get(key, False))
+    elif kind == "tool_call":
+        calls = [r for r in rows if r["expects_call"]]
+        none = [r for r in rows if not r["expects_call"]]
+        if calls:
+            out["parse_rate"] = share(lambda r: r["parsed"], calls)
+        out.update(tool_name_accuracy=share(lambda r: r["names_ok"]), call_accuracy=share(lambda r: r["call_ok"]))
+        if none:
+            out["no_call_accuracy"] = share(lambda r: r["call_ok"], none)
+    if rows and all("guide_interventions" in r for r in rows):  # constrained greedy decoding (engines.constrain)
+        out["unconstrained_valid_rate"] = share(lambda r: r["valid"] and not r["guide_interventions"])
+    if any("judge" in r for r in rows):
+        out["judge_parse_rate"] = share(lambda r: r.get("judge") is not None)
+    return out
+
+
 def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> dict[str, float]:
     """The named metrics for rows of one contract type (see the module doc)."""
     if not rows:
         return {}
-    m: dict[str, float] = {"valid_rate": _mean(r["valid"] for r in rows)}
+    m: dict[str, float] = {name: k / n for name, (k, n) in rates(kind, rows).items()}
     if kind == "text":
-        m.update(exact_match=_mean(r["exact"] for r in rows), normalized_match=_mean(r["normalized"] for r in rows),
-                 token_f1=_mean(r["f1"] for r in rows))
+        m["token_f1"] = _mean(r["f1"] for r in rows)
     elif kind == "label":
-        m["accuracy"] = _mean(r["correct"] for r in rows)
         seen = sorted({r["ref_label"] for r in rows})
         per = label_report(rows, list(labels or seen))["per_label"]
         # macro over labels that occur in the references (or are predicted), so absent labels
@@ -204,28 +259,15 @@ def aggregate(kind: str, rows: list[dict], labels: list[str] | None = None) -> d
     elif kind == "json":
         tp, n_pred, n_ref = (sum(r[k] for r in rows) for k in ("tp", "n_pred", "n_ref"))
         p, rc, f = _prf(tp, n_pred, n_ref)
-        m.update(parse_rate=_mean(r["parsed"] for r in rows), schema_valid_rate=m["valid_rate"],
-                 field_precision=p, field_recall=rc, field_f1=f,
-                 exact_record_rate=_mean(r["exact_record"] for r in rows))
-        for key in sorted({k for r in rows for k in r.get("fields", {})}):
-            m[f"{key}_accuracy"] = _mean(r.get("fields", {}).get(key, False) for r in rows)
+        m.update(field_precision=p, field_recall=rc, field_f1=f)
     elif kind == "tool_call":
         calls = [r for r in rows if r["expects_call"]]
-        none = [r for r in rows if not r["expects_call"]]
         n_args = sum(r["n_args"] for r in calls)
-        m.update(parse_rate=_mean(r["parsed"] for r in calls) if calls else 1.0,
-                 tool_name_accuracy=_mean(r["names_ok"] for r in rows),
-                 argument_accuracy=sum(r["args_right"] for r in calls) / n_args if n_args else 1.0,
-                 call_accuracy=_mean(r["call_ok"] for r in rows))
-        if none:
-            m["no_call_accuracy"] = _mean(r["call_ok"] for r in none)
-    if all("guide_interventions" in r for r in rows):  # constrained greedy decoding (see engines.constrain)
-        m["unconstrained_valid_rate"] = _mean(r["valid"] and not r["guide_interventions"] for r in rows)
-    if any("judge" in r for r in rows):
-        scores = [r["judge"] for r in rows if r.get("judge") is not None]
-        m["judge_parse_rate"] = len(scores) / len(rows)
-        if scores:
-            m["judge_score"] = _mean(scores)
+        m.setdefault("parse_rate", 1.0)  # nothing expected a call: nothing could fail to parse
+        m["argument_accuracy"] = sum(r["args_right"] for r in calls) / n_args if n_args else 1.0
+    scores = [r["judge"] for r in rows if r.get("judge") is not None]
+    if scores:
+        m["judge_score"] = _mean(scores)
     return m
 
 
@@ -234,44 +276,104 @@ def score(checker: Checker, preds: list, refs: list) -> tuple[list[dict], dict[s
     return rows, aggregate(checker.type, rows, checker.contract.labels)
 
 
-# -- bootstrap -------------------------------------------------------------------------------------
+# -- intervals -------------------------------------------------------------------------------------
+# Rates get a binomial interval: a bootstrap of 40/40 has zero width, Wilson's is [0.912, 1].
+# Other metrics get a BCa bootstrap; its jackknife costs one aggregate per row, so above
+# BCA_MAX_ROWS rows (where BCa and percentile agree anyway) the percentile bootstrap is used.
+# Every interval is reported with the method that made it.
+BCA_MAX_ROWS = 2000
+
+
+def wilson(k: int, n: int, alpha: float = 0.05) -> list[float]:
+    """Wilson score interval of a binomial rate ``k/n``."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def _resample(n_rows: int, stat: Callable, keys: list[str], *, n: int, seed: int,
+              alpha: float) -> dict[str, tuple[list[float], str]]:
+    """``{key: ([lo, hi], method)}`` from resampling row indices; ``stat(idx)`` gives one value per key."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import bootstrap as sp_bootstrap
+
+    method = "BCa" if n_rows <= BCA_MAX_ROWS else "percentile"
+    with warnings.catch_warnings():  # a degenerate metric (every draw equal) is handled below
+        warnings.simplefilter("ignore")
+        res = sp_bootstrap((np.arange(n_rows),), lambda idx: stat(idx.astype(int)), method=method,
+                           n_resamples=n, vectorized=False, confidence_level=1 - alpha, rng=seed)
+    lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
+    dist = np.atleast_2d(res.bootstrap_distribution)
+    out = {}
+    for i, k in enumerate(keys):
+        draws = dist[i][~np.isnan(dist[i])]
+        if not draws.size:
+            continue
+        if np.isfinite(lo[i]) and np.isfinite(hi[i]):
+            out[k] = ([float(lo[i]), float(hi[i])], f"{method} bootstrap")
+        elif draws.min() == draws.max():  # every resample gave the same value
+            out[k] = ([float(draws[0])] * 2, "bootstrap (degenerate: every resample equal)")
+        else:  # BCa undefined here (e.g. a metric absent from some resamples)
+            out[k] = ([float(np.quantile(draws, alpha / 2)), float(np.quantile(draws, 1 - alpha / 2))],
+                      "percentile bootstrap")
+    return out
+
+
 def bootstrap(rows: list[dict], fn: Callable[[list[dict]], dict[str, float]], *, n: int = 1000,
-              seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
-    """Percentile confidence intervals ``{metric: [lo, hi]}`` by resampling rows with replacement."""
+              seed: int = 0, alpha: float = 0.05, keys: list[str] | None = None
+              ) -> dict[str, tuple[list[float], str]]:
+    """``{metric: ([lo, hi], method)}`` by resampling rows with replacement (BCa, see above)."""
     import numpy as np
 
-    if n <= 0 or not rows:
+    if n <= 0 or len(rows) < 2:  # one row has no spread to resample
         return {}
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n):
-        sample = [rows[i] for i in rng.integers(0, len(rows), len(rows))]
-        for k, v in fn(sample).items():
-            draws.setdefault(k, []).append(v)
-    return {k: [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))] for k, v in draws.items()}
+    keys = list(fn(rows)) if keys is None else keys
+
+    def stat(idx):
+        got = fn([rows[i] for i in idx])
+        return np.array([got.get(k, np.nan) for k in keys], dtype=float)
+
+    return _resample(len(rows), stat, keys, n=n, seed=seed, alpha=alpha) if keys else {}
+
+
+def intervals(kind: str, rows: list[dict], labels: list[str] | None = None, *, n: int = 1000, seed: int = 0,
+              alpha: float = 0.05) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """``(ci, ci_method)``: ``{metric: [lo, hi]}`` and ``{metric: method}``; Wilson for the rates,
+    a bootstrap of ``n`` resamples for the other metrics (none when ``n`` is 0)."""
+    if not rows:
+        return {}, {}
+    ci, method = {}, {}
+    counted = rates(kind, rows)
+    for name, (k, trials) in counted.items():
+        ci[name], method[name] = wilson(k, trials, alpha), "Wilson"
+    fn = lambda rs: aggregate(kind, rs, labels)  # noqa: E731
+    others = [k for k in fn(rows) if k not in counted]
+    for name, (band, how) in bootstrap(rows, fn, n=n, seed=seed, alpha=alpha, keys=others).items():
+        ci[name], method[name] = band, how
+    return ci, method
 
 
 def paired_bootstrap(a: list[dict], b: list[dict], fn: Callable[[list[dict]], dict[str, float]], *,
-                     n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, dict[str, float]]:
-    """``{metric: {"delta", "lo", "hi"}}`` for a − b over the same examples (rows aligned), resampling
-    example indices jointly so the interval reflects the paired design."""
+                     n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, dict[str, Any]]:
+    """``{metric: {"delta", "lo", "hi", "method"}}`` for a − b over the same examples (rows aligned),
+    resampling example indices jointly so the interval reflects the paired design."""
     import numpy as np
 
     if not a or len(a) != len(b):
         raise ValueError("paired bootstrap needs two equally long, aligned row lists")
     fa, fb = fn(a), fn(b)
-    out = {k: {"delta": fa[k] - fb[k], "lo": float("nan"), "hi": float("nan")} for k in fa if k in fb}
-    if n <= 0:
+    keys = [k for k in fa if k in fb]
+    out = {k: {"delta": fa[k] - fb[k], "lo": float("nan"), "hi": float("nan"), "method": None} for k in keys}
+    if n <= 0 or len(a) < 2:
         return out
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in out}
-    for _ in range(n):
-        idx = rng.integers(0, len(a), len(a))
+
+    def stat(idx):
         sa, sb = fn([a[i] for i in idx]), fn([b[i] for i in idx])
-        for k in draws:
-            if k in sa and k in sb:
-                draws[k].append(sa[k] - sb[k])
-    for k, v in draws.items():
-        if v:
-            out[k]["lo"], out[k]["hi"] = float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))
+        return np.array([sa[k] - sb[k] if k in sa and k in sb else np.nan for k in keys], dtype=float)
+
+    for k, ((lo, hi), how) in _resample(len(a), stat, keys, n=n, seed=seed, alpha=alpha).items():
+        out[k].update(lo=lo, hi=hi, method=f"paired {how}")
     return out

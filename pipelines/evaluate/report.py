@@ -1,7 +1,7 @@
 """The eval report a person reads: ``report.md`` and a self-contained ``report.html``.
 
-Sections: per-set metrics with 95% bootstrap intervals; baselines side by side with the model's
-deltas (paired bootstrap CIs) and per-example regressions; latency p50/p95 and tokens/s; and the
+Sections: per-set metrics with 95% intervals, each with the method that made it (Wilson for
+rates, BCa bootstrap otherwise); baselines side by side with the model's deltas (paired bootstrap CIs) and per-example regressions; latency p50/p95 and tokens/s; and the
 worst failures grouped by cause (the contract's reason code, or "wrong" for valid-but-incorrect).
 """
 
@@ -41,10 +41,10 @@ def tables(results: dict, worst: dict[str, list[dict]]) -> list[tuple[str, list[
     baselines = results.get("baselines", {})
     for name, s in results["sets"].items():
         names = list(s["metrics"])
-        header = ["metric", "model", "95% CI"] + [f"{b} (Δ model−{b}, 95% CI)" for b in baselines]
+        header = ["metric", "model", "95% CI", "CI method"] + [f"{b} (Δ model−{b}, 95% CI)" for b in baselines]
         rows = []
         for m in names:
-            row = [m, _f(s["metrics"][m]), _ci(s["ci"].get(m))]
+            row = [m, _f(s["metrics"][m]), _ci(s["ci"].get(m)), s.get("ci_method", {}).get(m, "")]
             for b, bres in baselines.items():
                 bs = bres["sets"].get(name, {})
                 row.append(f"{_f(bs.get('metrics', {}).get(m))} ({_delta(bs.get('compare', {}).get('delta', {}).get(m))})")
@@ -52,8 +52,8 @@ def tables(results: dict, worst: dict[str, list[dict]]) -> list[tuple[str, list[
         for b, bres in baselines.items():
             c = bres["sets"].get(name, {}).get("compare")
             if c:
-                rows.append([f"regressions vs {b}", str(c["regressions"]), "", *[""] * len(baselines)])
-                rows.append([f"improvements vs {b}", str(c["improvements"]), "", *[""] * len(baselines)])
+                rows.append([f"regressions vs {b}", str(c["regressions"]), "", "", *[""] * len(baselines)])
+                rows.append([f"improvements vs {b}", str(c["improvements"]), "", "", *[""] * len(baselines)])
         out.append((f"Set `{name}` — {s['n']} examples", header, rows))
     perf_header = ["system", "set", "latency p50 (s)", "latency p95 (s)", "tokens/s", "examples/s"]
     perf_rows = []
@@ -109,7 +109,8 @@ def _intro(results: dict) -> list[tuple[str, str]]:
     items = [("model", results["model"]), ("task", results["task"]), ("contract", results["contract"]),
              ("primary metric", f"{results['primary_metric']} on `{results['primary_set']}`: "
                                 f"{_f(results['metrics'].get(results['primary_metric']))} "
-                                f"{_ci(results['ci'].get(results['primary_metric']))}"),
+                                f"{_ci(results['ci'].get(results['primary_metric']))} "
+                                f"({results.get('ci_method', {}).get(results['primary_metric'], 'no interval')})"),
              ("engine", results.get("engine", ""))]
     for b, r in results.get("baselines", {}).items():
         items.append((f"baseline {b}", r["model"]))

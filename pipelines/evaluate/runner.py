@@ -1,4 +1,5 @@
-"""Generate on a set of examples with one engine, score each row, and summarise with CIs."""
+"""Generate on a set of examples with one engine, score each row, and summarise with CIs
+(Wilson for rates, BCa bootstrap for the rest; ``ci_method`` names each one)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def build_chats(examples: list[Example], *, system: str | None = None, strip_sys
 
 
 def generate_rows(engine, examples: list[Example], chats: list[list[dict]], checker, params: GenParams,
-                  *, judge_engine=None, rubric: str | None = None) -> tuple[list[dict], float]:
-    """Per-example rows (output, tokens, latency, metric facts) and the wall time of generation."""
+                  *, judge_engine=None, rubric: str | None = None, recipe=None, judge_recipe=None,
+                  fan_out=None) -> tuple[list[dict], float]:
+    """Per-example rows (output, tokens, latency, metric facts) and the wall time of generation;
+    with recipes (``pipelines.fanout``) a large set is generated over Ray actors."""
+    from pipelines import fanout
+
     start = time.perf_counter()
-    outs = engine.generate(chats, params)
+    outs = fanout.generate(engine, chats, params, recipe=recipe, policy=fan_out)
     wall = time.perf_counter() - start
     rows = []
     for ex, chat, out in zip(examples, chats, outs):
@@ -52,7 +57,7 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
         from pipelines.evaluate.judge import judge
 
         verdicts = judge(judge_engine, [(r["instruction"], reference_text(r["reference"]), r["output"]) for r in rows],
-                         rubric=rubric)
+                         rubric=rubric, recipe=judge_recipe, fan_out=fan_out)
         for r, v in zip(rows, verdicts):
             r.update(v)
     return rows, wall
@@ -77,7 +82,8 @@ def summarize(rows: list[dict], kind: str, labels: list[str] | None, wall_s: flo
         if not r["correct"]:
             key = r["reason"] or "wrong"
             failures[key] = failures.get(key, 0) + 1
-    out = {"n": len(rows), "metrics": fn(rows), "ci": M.bootstrap(rows, fn, n=n_boot, seed=seed),
+    ci, ci_method = M.intervals(kind, rows, labels, n=n_boot, seed=seed)
+    out = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
            "perf": perf(rows, wall_s), "failures": failures}
     if kind == "label":
         out["labels"] = M.label_report(rows, list(labels or sorted({r["ref_label"] for r in rows})))

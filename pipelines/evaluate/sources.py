@@ -126,13 +126,23 @@ def candidate_system(spec, registry, model_ref: str) -> System:
                   describe=model_ref)
 
 
+def engine_recipe(system: System, spec, registry, *, progress: bool = True):
+    """``get_engine``'s arguments for ``system``, buildable in this process or in a Ray actor."""
+    from pipelines.fanout import EngineRecipe
+
+    if system.engine_name == "http":
+        return EngineRecipe("http", {"model": system.model, "url": system.url,
+                                     "api_key_env": system.extra.get("api_key_env")})
+    gguf = spec.model.gguf_file if system.model == spec.model.base else None
+    return EngineRecipe(system.engine_name, {"model": system.model, "batch_size": spec.eval.batch_size,
+                                             "dtype": spec.model.dtype, "gguf_file": gguf,
+                                             "trust_remote_code": spec.model.trust_remote_code, "progress": progress},
+                        registry_uri=registry.uri, cache_dir=str(registry.cache_dir))
+
+
 def open_engine(system: System, spec, registry, *, progress: bool = True):
     from pipelines.engines import get_engine
 
-    if system.engine_name == "http":
-        return get_engine("http", model=system.model, url=system.url, api_key_env=system.extra.get("api_key_env"))
-    gguf = spec.model.gguf_file if system.model == spec.model.base else None
-    return get_engine(system.engine_name, model=system.model, registry=registry, batch_size=spec.eval.batch_size,
-                      dtype=spec.model.dtype, gguf_file=gguf, trust_remote_code=spec.model.trust_remote_code,
-                      progress=progress)
+    r = engine_recipe(system, spec, registry, progress=progress)
+    return get_engine(r.name, registry=registry if r.registry_uri else None, **r.kwargs)
 

@@ -129,9 +129,14 @@ def _engine(kind: str, model: str | None, url: str | None, api_key_env: str | No
     return get_engine(kind, model=model, url=url, registry=registry, api_key_env=api_key_env)
 
 
-def _batched_generate(engine, chats: list, params, label: str, progress: bool) -> list:
+def _batched_generate(engine, chats: list, params, label: str, progress: bool, *, recipe=None,
+                      policy=None) -> list:
     from rich.progress import Progress
 
+    from pipelines import fanout
+
+    if recipe is not None and fanout.should_fan_out(len(chats), policy or fanout.FanOut()):
+        return fanout.generate(engine, chats, params, recipe=recipe, policy=policy)  # over Ray engine actors
     outs, step = [], 16
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(label, total=len(chats))
@@ -144,6 +149,7 @@ def _batched_generate(engine, chats: list, params, label: str, progress: bool) -
 def generate(spec, registry=None, *, out_file: str | Path | None = None, log: Callable[[str], None] | None = None,
              progress: bool = True) -> dict:
     """Generate, judge and write accepted rows; returns counts and the output path."""
+    from pipelines import fanout
     from pipelines.contract import Checker
     from pipelines.engines import GenParams
 
@@ -155,6 +161,14 @@ def generate(spec, registry=None, *, out_file: str | Path | None = None, log: Ca
     contract = describe_contract(spec.contract)
     teacher = _engine(t.engine, t.model, t.url, t.api_key_env, registry)
     judge = _engine("http", t.judge_model, t.judge_url, t.api_key_env, registry) if t.judge_url else teacher
+    recipes = {name: fanout.EngineRecipe(kind, {"model": model, "url": url, "api_key_env": t.api_key_env},
+                                         registry_uri=registry.uri if registry else None,
+                                         cache_dir=str(registry.cache_dir) if registry else None)
+               for name, kind, model, url in (("teacher", t.engine, t.model, t.url),
+                                              ("judge", "http", t.judge_model, t.judge_url))}
+    if not t.judge_url:
+        recipes["judge"] = recipes["teacher"]
+    policy = fanout.FanOut.from_spec(spec.eval)  # one fan-out policy for every generation stage
     field = spec.data.balance_field
     plans = []
     for s_idx, seed in enumerate(seeds):
@@ -170,7 +184,7 @@ def generate(spec, registry=None, *, out_file: str | Path | None = None, log: Ca
         task=spec.description or spec.task, contract=contract, category=p["category"], difficulty=p["difficulty"],
         edge_case=p["edge_case"], user=p["seed_user"], assistant=p["seed"]["messages"][-1]["content"])}] for p in plans]
     gen = _batched_generate(teacher, chats, GenParams(max_new_tokens=t.max_new_tokens, temperature=t.temperature),
-                            "teacher", progress)
+                            "teacher", progress, recipe=recipes["teacher"], policy=policy)
     checker = Checker(spec.contract)
     rejected: Counter = Counter()
     to_judge = []
@@ -187,7 +201,8 @@ def generate(spec, registry=None, *, out_file: str | Path | None = None, log: Ca
     judge_chats = [[{"role": "user", "content": JUDGE_PROMPT.format(
         task=spec.description or spec.task, contract=contract, seed_user=p["seed_user"], user=p["cand"][0],
         assistant=p["cand"][1])}] for p in to_judge]
-    scores = _batched_generate(judge, judge_chats, GenParams(max_new_tokens=128, temperature=0.0), "judge", progress)
+    scores = _batched_generate(judge, judge_chats, GenParams(max_new_tokens=128, temperature=0.0), "judge", progress,
+                               recipe=recipes["judge"], policy=policy)
     for p, c in zip(to_judge, scores):
         p["scores"] = parse_scores(c.text)
         p["reason"] = "judge_unparseable" if p["scores"] is None else verdict(p["scores"], t)
