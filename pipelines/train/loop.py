@@ -21,33 +21,82 @@ from pipelines.train.data import collate, shift_labels
 
 
 # -- step math (pure torch, used by the tests directly) -----------------------------------------
-def forward_sum(model, batch):
-    """(sum of token cross-entropies, number of trained tokens) for one micro-batch."""
-    import torch.nn.functional as F
+def _unwrap(model):
+    """The PEFT/transformers model under DDP or a DeepSpeed engine."""
+    while type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+        model = model.module
+    return model
+
+
+def _decoder_and_head(model):
+    """(decoder body, LM head) when the causal LM can skip its head (``logits_to_keep``), else None."""
+    import inspect
+
+    inner = _unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    cached = getattr(base, "_crucible_parts", None)
+    if cached is None:
+        ok = "logits_to_keep" in inspect.signature(base.forward).parameters
+        decoder = base.get_decoder() if ok and hasattr(base, "get_decoder") else None
+        cached = (decoder, base.get_output_embeddings()) if decoder is not None else False
+        object.__setattr__(base, "_crucible_parts", cached)  # not a submodule: kept out of state dicts
+    return cached or None
+
+
+def label_logits(model, batch, precision: str = "fp32"):
+    """(fp32 logits at the positions that have a label, their target ids).
+
+    Most SFT tokens are prompt: the LM head (vocab × hidden, the largest matmul of a small model)
+    runs only on the hidden states of labelled positions. The model runs with ``logits_to_keep=1``
+    (its own head on one position per row, unused) and a hook takes the decoder's final hidden
+    states; going through ``model(...)`` keeps DDP's and DeepSpeed's forward bookkeeping intact.
+    """
+    from pipelines.train.perf import autocast
 
     kw = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kw["position_ids"] = batch["position_ids"]  # packed: resets mark example boundaries, no 2D mask
     else:
         kw["attention_mask"] = batch["attention_mask"]
-    logits = model(**kw).logits.float()
-    targets = shift_labels(batch["labels"], batch.get("position_ids")).to(logits.device)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    device = batch["input_ids"].device
+    targets = shift_labels(batch["labels"], batch.get("position_ids")).to(device)
+    keep = targets != IGNORE
+    parts = _decoder_and_head(model)
+    with autocast(precision, device):
+        if parts is None:  # a model without logits_to_keep: full logits, then select
+            return model(**kw).logits[keep].float(), targets[keep]
+        decoder, head = parts
+        seen = {}
+        hook = decoder.register_forward_hook(
+            lambda _m, _a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            model(**kw, logits_to_keep=1)
+        finally:
+            hook.remove()
+        logits = head(seen["h"][keep])
+    return logits.float(), targets[keep]
+
+
+def forward_sum(model, batch, precision: str = "fp32"):
+    """(sum of token cross-entropies, number of trained tokens) for one micro-batch."""
+    import torch.nn.functional as F
+
+    logits, targets = label_logits(model, batch, precision)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
 def target_count(batch) -> int:
     return int((shift_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
 
 
-def accumulate(model, micro_batches, backward, *, world: int = 1, all_reduce=None) -> tuple[float, int]:
+def accumulate(model, micro_batches, backward, *, world: int = 1, all_reduce=None, precision: str = "fp32"
+               ) -> tuple[float, int]:
     """Forward + backward every micro-batch of one optimizer step; returns (global loss, global tokens)."""
     n_local = sum(target_count(b) for b in micro_batches)
     n_global = all_reduce(float(n_local)) if all_reduce else float(n_local)
     total = 0.0
     for b in micro_batches:
-        loss_sum, _ = forward_sum(model, b)
+        loss_sum, _ = forward_sum(model, b, precision)
         backward(loss_sum * world / max(n_global, 1.0))
         total += float(loss_sum.detach())
     total = all_reduce(total) if all_reduce else total
