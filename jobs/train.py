@@ -35,7 +35,8 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
       crucible train spec.yaml --resume run-mytask-20260101120000-abcd1234
 
     --json prints: run, model, first_loss, final_loss, dev_loss, tokens_per_s, real_token_share,
-    steps, wall_seconds, peak_rss_mb.
+    steps, wall_seconds, peak_rss_mb, packing, precision, mfu, peak_flops (FLOP/s per worker,
+    measured once per node), model_flops_per_s. Progress goes to stderr: a bar on a terminal.
     """
     from pipelines.spec import load_spec
     from pipelines.train import run
@@ -47,15 +48,16 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
     payload = {"run": result["run"].id, "model": result["model"].id, **{k: s[k] for k in (
         "first_loss", "final_loss", "dev_loss", "best_dev_loss", "tokens_per_s", "real_token_share", "steps",
         "stopped_early", "wall_seconds", "train_seconds", "peak_rss_mb", "method", "workers", "deepspeed_stage",
-        "template")}}
+        "template", "packing", "precision", "mfu", "peak_flops", "model_flops_per_s")}}
     emit(payload, as_json, lambda: out.print(
         f"trained {s['steps']} steps ({s['method']}, {s['workers']} worker(s)"
         + (f", ZeRO-{s['deepspeed_stage']}" if s["deepspeed_stage"] is not None else "") + ")\n"
         f"  loss {s['first_loss']:.4f} → {s['final_loss']:.4f}"
         + (f", dev {s['dev_loss']:.4f}" if s["dev_loss"] is not None else "")
         + (" (stopped early)" if s["stopped_early"] else "") + "\n"
-        f"  {s['tokens_per_s']:,.0f} tokens/s, {s['real_token_share']:.1%} real tokens, "
-        f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n"
+        f"  {s['tokens_per_s']:,.0f} tokens/s, {s['real_token_share']:.1%} real tokens, {s['precision']}, "
+        + (f"MFU {s['mfu']:.1%} of {s['peak_flops'] / 1e9:,.0f} GFLOP/s measured, " if s["mfu"] else "")
+        + f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n"
         f"  run   [bold]{result['run'].id}[/bold] (loss.png, checkpoint)\n"
         f"  model [bold]{result['model'].id}[/bold]", highlight=False))
 
