@@ -37,7 +37,9 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
       crucible train spec.yaml --resume run-mytask-20260101120000-abcd1234
 
     --json prints: run, model, first_loss, final_loss, dev_loss, tokens_per_s, real_token_share,
-    steps, wall_seconds, peak_rss_mb; for dpo also dpo {dev_before, dev_after: margin, accuracy, ...}.
+    steps, wall_seconds, peak_rss_mb, packing, precision, mfu, peak_flops (FLOP/s per worker,
+    measured once per node), model_flops_per_s; for dpo also dpo {dev_before, dev_after: margin, accuracy, ...}.
+    Progress goes to stderr: a bar on a terminal.
     """
     from pipelines.spec import load_spec
     from pipelines.train import run
@@ -49,7 +51,7 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
     payload = {"run": result["run"].id, "model": result["model"].id, **{k: s[k] for k in (
         "first_loss", "final_loss", "dev_loss", "best_dev_loss", "tokens_per_s", "real_token_share", "steps",
         "stopped_early", "wall_seconds", "train_seconds", "peak_rss_mb", "method", "workers", "deepspeed_stage",
-        "template")}, **({"dpo": s["dpo"]} if "dpo" in s else {})}
+        "template", "packing", "precision", "mfu", "peak_flops", "model_flops_per_s")}, **({"dpo": s["dpo"]} if "dpo" in s else {})}
 
     def dpo_line() -> str:
         if "dpo" not in s or not s["dpo"]["dev_after"]:
@@ -64,8 +66,9 @@ def train_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The sp
         f"  loss {s['first_loss']:.4f} → {s['final_loss']:.4f}"
         + (f", dev {s['dev_loss']:.4f}" if s["dev_loss"] is not None else "")
         + (" (stopped early)" if s["stopped_early"] else "") + "\n"
-        f"  {s['tokens_per_s']:,.0f} tokens/s, {s['real_token_share']:.1%} real tokens, "
-        f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n" + dpo_line() +
+        f"  {s['tokens_per_s']:,.0f} tokens/s, {s['real_token_share']:.1%} real tokens, {s['precision']}, "
+        + (f"MFU {s['mfu']:.1%} of {s['peak_flops'] / 1e9:,.0f} GFLOP/s measured, " if s["mfu"] else "")
+        + f"wall {s['wall_seconds']:.0f}s, peak {s['peak_rss_mb'] or 0:.0f} MB per worker\n" + dpo_line() +
         f"  run   [bold]{result['run'].id}[/bold] (loss.png, checkpoint)\n"
         f"  model [bold]{result['model'].id}[/bold]", highlight=False))
 

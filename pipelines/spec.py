@@ -231,7 +231,13 @@ class Train(Strict):
                                            "node's cores divided by the workers on it)")
     max_steps: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
-    packing: bool = False
+    packing: bool | None = Field(None, description="pack several examples per row; null: on where the model "
+                                  "honours position-id boundaries (llama family and most decoders)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="compute precision: bf16 autocast "
+                                                      "over fp32 weights, fp32, or auto (a cached matmul "
+                                                      "probe picks bf16 where it is clearly faster)")
+    progress: Literal["auto", "bar", "lines"] = Field("auto", description="rank 0 progress: a rich bar on a "
+                                                      "terminal, plain lines when piped (stderr)")
     lr: float = Field(2e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)

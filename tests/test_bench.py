@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = [  # module, toy-size arguments, ratio keys that must be finite numbers, agreement keys
     ("run", ["--n", "6"], ["speedup_examples_per_s"], []),
     ("factory", ["--rows", "1500"], ["speedup_vs_single_process", "near_recall", "exact_recall"], []),
-    ("train", ["--steps", "2", "--rows", "60"], ["speedup_vs_naive", "ray_overhead_1_worker"],
-     ["same_losses_single_process_vs_ray_1_worker"]),
+    ("train", ["--model", "tiny", "--steps", "2", "--rows", "60"], ["speedup_tokens_per_s", "mfu"],
+     ["same_examples_per_step", "losses_agree"]),
     ("serve", ["--n", "8", "--warmup", "2", "--rounds", "1"], ["router_overhead_ms_p50",
                                                                 "req_per_s_ratio_router_vs_direct"],
      ["same_answers_router_vs_direct"]),

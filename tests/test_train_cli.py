@@ -58,11 +58,14 @@ def test_unknown_dataset_exits_2(project):
 @pytest.mark.slow
 def test_train_json_output(project, ray_local):
     spec, ds, reg_uri = project
-    res = CliRunner().invoke(app, ["train", str(spec), "--json", "--set", "train.packing=true"])
+    res = CliRunner().invoke(app, ["train", str(spec), "--json"])  # packing on by default for llama
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)  # worker logs go to stderr: stdout is the one JSON object
-    for key in ("run", "model", "first_loss", "final_loss", "tokens_per_s", "real_token_share"):
+    for key in ("run", "model", "first_loss", "final_loss", "tokens_per_s", "real_token_share", "mfu", "peak_flops"):
         assert doc[key] is not None, key
     assert doc["steps"] == 2 and doc["real_token_share"] > 0.9
+    assert doc["packing"] is True and doc["precision"] in ("bf16", "fp32") and 0 < doc["mfu"] < 1 and doc["peak_flops"] > 1e8
+    run_meta = Registry.open(reg_uri).get(doc["run"]).metadata  # the eval report reads them from here
+    assert run_meta["mfu"] == doc["mfu"] and run_meta["precision"] == doc["precision"]
     reg = Registry.open(reg_uri)
     assert reg.get(doc["model"]).inputs["dataset"] == ds

@@ -68,7 +68,28 @@ def preflight(spec, registry, dataset_ref: str | None) -> dict:
     base = resolve_model(spec.model.base, registry, gguf_file=spec.model.gguf_file)
     if base.adapter:
         raise ValueError(f"model.base: {spec.model.base} is a LoRA adapter; merge it first or name its base")
-    return {"dataset": dataset, "base": base}
+    return {"dataset": dataset, "base": base, "packing": resolve_packing(spec, base)}
+
+
+def resolve_packing(spec, base) -> bool:
+    """``train.packing``: null means on where the architecture honours position-id boundaries;
+    true on one that ignores them is refused (its packed examples would attend to each other)."""
+    from transformers import AutoConfig
+
+    from pipelines.train.data import packing_supported
+
+    want = spec.train.packing
+    if want is False:
+        return False
+    kw = {"gguf_file": base.gguf_file} if base.gguf_file else {}
+    model_type = AutoConfig.from_pretrained(str(base.path), trust_remote_code=spec.model.trust_remote_code,
+                                            **kw).model_type
+    ok = packing_supported(model_type)
+    if want and not ok:
+        raise ValueError(f"train.packing: true, but model type '{model_type}' ignores position-id boundaries "
+                         "(its attention mask does not come from position_ids), so packed examples would see "
+                         "each other; set train.packing: false")
+    return ok
 
 
 def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | None = None,
@@ -92,13 +113,17 @@ def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | Non
     if parent is not None and (parent.kind != "run" or "checkpoint/state.json" not in parent.files):
         raise ValueError(f"--resume {resume_run}: not a run with a checkpoint")
     ensure_ray()
+    from pipelines.train.progress import Progress
+
+    progress = Progress(t.progress)
     storage_path, storage_fs = _ray_storage(registry)
     name = f"{spec.task}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         dpo_loop if t.method == "dpo" else train_loop,
         train_loop_config={"spec": worker_spec, "registry": registry.uri, "dataset": pre["dataset"],
-                           "resume_run": parent.id if parent else None, "fault": fault},
+                           "resume_run": parent.id if parent else None, "fault": fault,
+                           "packing": pre.get("packing", False), "progress": progress.target},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -106,7 +131,10 @@ def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | Non
                                                           else max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
     started = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.close()
     wall = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
@@ -133,7 +161,11 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
         "real_token_share": state["real_tokens"] / max(state["total_tokens"], 1),
         "real_tokens": state["real_tokens"], "train_seconds": state["train_seconds"],
         "wall_seconds": wall, "peak_rss_mb": state.get("peak_rss_mb"),
-        "workers": spec.train.workers, "method": spec.train.method, "packing": spec.train.packing,
+        "workers": spec.train.workers, "method": spec.train.method, "packing": pre.get("packing", False),
+        "precision": state.get("precision"), "peak_flops": state.get("peak_flops"),
+        "mfu": state["model_flops"] / max(state["train_seconds"], 1e-9) / (state["peak_flops"] * spec.train.workers)
+        if state.get("peak_flops") and state.get("model_flops") else None,
+        "model_flops_per_s": state.get("model_flops", 0) / max(state["train_seconds"], 1e-9),
         "deepspeed_stage": spec.train.deepspeed.stage if spec.train.deepspeed else None,
         "template": state.get("template"), "data": state.get("data"), "ray_run": name,
         **({"dpo": state["dpo"]} if state.get("dpo") else {}),

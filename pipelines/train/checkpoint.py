@@ -85,3 +85,48 @@ def restore_optimizer(optimizer, params, tensors: dict) -> None:
     for i, p in enumerate(params):
         if i in by_index:
             optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in by_index[i].items()}
+
+
+def _zero_inner(ds_optimizer):
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper: its params are this rank's fp32
+    master partitions (one flat tensor per group), its state the Adam moments for them."""
+    return getattr(ds_optimizer, "optimizer", ds_optimizer)
+
+
+def zero_shard_name(rank: int) -> str:
+    return f"zero-optimizer-rank{rank}.safetensors"
+
+
+def zero_optimizer_tensors(ds_optimizer) -> dict:
+    """This rank's ZeRO partition: fp32 master weights and Adam moments, as flat tensors."""
+    import torch
+
+    out = {}
+    for gi, group in enumerate(_zero_inner(ds_optimizer).param_groups):
+        for pi, p in enumerate(group["params"]):
+            out[f"{gi}.{pi}.master"] = p.detach().to("cpu").clone().contiguous()
+            for k, v in _zero_inner(ds_optimizer).state.get(p, {}).items():
+                v = v if torch.is_tensor(v) else torch.tensor(v)
+                out[f"{gi}.{pi}.{k}"] = v.detach().to("cpu").clone().contiguous()
+    return out
+
+
+def restore_zero_optimizer(ds_optimizer, tensors: dict, where: str) -> None:
+    """Put a rank's saved partition back; the partition layout must match (same world size, model
+    and LoRA config), or the error says which tensor differs."""
+    import torch
+
+    inner = _zero_inner(ds_optimizer)
+    with torch.no_grad():
+        for gi, group in enumerate(inner.param_groups):
+            for pi, p in enumerate(group["params"]):
+                master = tensors.get(f"{gi}.{pi}.master")
+                if master is None or master.shape != p.shape:
+                    raise ValueError(f"{where}: ZeRO partition {gi}.{pi} is "
+                                     f"{None if master is None else tuple(master.shape)}, the model's is "
+                                     f"{tuple(p.shape)}: resume with the same workers, model and method")
+                p.copy_(master.to(p.device, p.dtype))
+                st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{gi}.{pi}.")
+                      and not k.endswith(".master")}
+                if st:
+                    inner.state[p] = {k: (v if k == "step" else v.to(p.device)) for k, v in st.items()}

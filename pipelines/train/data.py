@@ -47,20 +47,107 @@ def encode_records(tokenizer, records: list[dict], max_len: int, system_prompt: 
 
 
 def pack(examples: list[Encoded], max_len: int) -> list[dict]:
-    """Greedy first-fit packing into rows of at most ``max_len`` tokens, in the given order."""
-    rows: list[dict] = []
-    for ex in examples:
-        n = len(ex.input_ids)
-        for row in rows:  # first row with room
-            if len(row["input_ids"]) + n <= max_len:
+    """Best-fit-decreasing packing into rows of at most ``max_len`` tokens, O(n log max_len).
+
+    Longest example first, each into the row whose free space fits it most tightly (a new row if
+    none does). A segment tree over free-space values finds that row in O(log max_len). Within a
+    row the examples keep their input order, so a shuffled input still gives varied rows.
+    """
+    size = 1
+    while size < max_len + 1:
+        size *= 2
+    count = [0] * (2 * size)  # leaves: how many rows have exactly that much free space
+    free_rows: dict[int, list[int]] = {}
+    members: list[list[int]] = []
+
+    def bump(cap: int, delta: int) -> None:
+        i = cap + size
+        while i:
+            count[i] += delta
+            i //= 2
+
+    def smallest_at_least(n: int) -> int | None:
+        """Smallest free-space value >= n that some row has."""
+        if n > max_len:
+            return None
+        lo, best = n + size, None
+        # walk up from the leaf of n: take the leftmost non-empty subtree to its right
+        if count[lo]:
+            return n
+        while lo > 1:
+            if lo % 2 == 0 and count[lo + 1]:
+                best = lo + 1
                 break
+            lo //= 2
+        if best is None:
+            return None
+        while best < size:
+            best = 2 * best if count[2 * best] else 2 * best + 1
+        return best - size
+
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))  # stable: ties keep order
+    for i in order:
+        n = len(examples[i].input_ids)
+        cap = smallest_at_least(n)
+        if cap is None:
+            members.append([])
+            row, cap = len(members) - 1, max_len
         else:
-            row = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(row)
-        row["input_ids"] += ex.input_ids
-        row["labels"] += ex.labels
-        row["position_ids"] += list(range(n))
+            row = free_rows[cap].pop()
+            bump(cap, -1)
+        members[row].append(i)
+        left = cap - n
+        free_rows.setdefault(left, []).append(row)
+        bump(left, 1)
+    rows = []
+    for idx in members:
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for i in sorted(idx):
+            ex = examples[i]
+            row["input_ids"] += ex.input_ids
+            row["labels"] += ex.labels
+            row["position_ids"] += list(range(len(ex.input_ids)))
+        rows.append(row)
     return rows
+
+
+def packing_supported(model_type: str) -> bool:
+    """Whether transformers' causal LM for ``model_type`` reads position-id resets as sequence
+    boundaries: its decoder builds the mask with ``masking_utils.create_causal_mask`` (or the
+    sliding-window variant) from ``position_ids``, which, with no 2D mask, turns resets into a
+    block-diagonal mask. Architectures with mask code of their own would let packed examples see
+    each other. A static check (no weights); the worker also checks the loaded model
+    (``leaks_across_packed_examples``)."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    try:
+        src = inspect.getsource(inspect.getmodule(getattr(transformers, name)))
+    except (AttributeError, ImportError, OSError, TypeError):
+        return False
+    return ("create_causal_mask" in src or "create_sliding_window_causal_mask" in src) \
+        and "position_ids=position_ids" in src
+
+
+def leaks_across_packed_examples(model, examples: list[Encoded], atol: float = 1e-4) -> bool:
+    """True when a packed row's second example gets other logits than alone (the model ignores
+    position-id boundaries). Two short examples, two forwards, no gradients."""
+    import torch
+
+    a, b = (e.input_ids[:32] for e in examples[:2])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        dev = next(model.parameters()).device
+        ids = torch.tensor([a + b], device=dev)
+        pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, len(a):].float()
+        alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
+    model.train(was_training)
+    return not torch.allclose(packed, alone, atol=atol, rtol=1e-3)
 
 
 def as_rows(examples: list[Encoded]) -> list[dict]:
@@ -109,12 +196,22 @@ def collate(rows: list[dict], pad_id: int):
         if packed:
             pos[i, :n] = torch.tensor(r["position_ids"])
             pos[i, n:] = torch.arange(width - n)
-    batch = {"input_ids": ids, "labels": labels, "real_tokens": int(real.sum()), "total_tokens": ids.numel()}
+    batch = {"input_ids": ids, "labels": labels, "real_tokens": int(real.sum()), "total_tokens": ids.numel(),
+             "attn_pairs": sum(n * (n + 1) // 2 for r in rows for n in _segments(r))}  # for MFU
     if packed:
         batch["position_ids"] = pos
     else:
         batch["attention_mask"] = real
     return batch
+
+
+def _segments(row: dict) -> list[int]:
+    """Lengths of the examples in a row (one unless packed)."""
+    pos = row.get("position_ids")
+    if pos is None:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def shift_labels(labels, position_ids=None):
