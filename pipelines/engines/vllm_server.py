@@ -89,7 +89,7 @@ class VLLMServer:
     def __init__(self, model_dir: str | os.PathLike, *, served_name: str = "base", tokenizer: str | None = None,
                  loras: dict[str, str] | None = None, max_lora_rank: int = 64, max_model_len: int = 2048,
                  dtype: str = "auto", kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                 trust_remote_code: bool = False, python: str | os.PathLike | None = None,
+                 trust_remote_code: bool = False, threads: int | None = None, python: str | os.PathLike | None = None,
                  startup_timeout_s: float = 900.0, extra_args: tuple[str, ...] = ()):
         py = Path(python) if python else vllm_python()
         if py is None or not py.exists():
@@ -122,12 +122,19 @@ class VLLMServer:
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)  # the server imports vLLM only, never this project's venv
+        # Ray sets OMP_NUM_THREADS to an actor's CPU share (often 1); the server's engine should use the
+        # cores unless told otherwise
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        else:
+            env.pop("OMP_NUM_THREADS", None)
         self.cmd = cmd
         self._log = tempfile.NamedTemporaryFile(prefix="crucible-vllm-", suffix=".log", delete=False)
         self.log_path = self._log.name
-        # a session of its own, so close() can stop the engine-core children with it
+        # a session of its own, so close() can stop the engine-core children with it; and a parent-death
+        # signal, so a killed owner (a Serve replica torn down hard) leaves no orphan server behind
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir(),
-                                     start_new_session=True)
+                                     preexec_fn=_own_session_dying_with_parent)
         self._finalizer = weakref.finalize(self, _stop, self.proc)
         try:
             self._wait_ready(startup_timeout_s)
@@ -165,6 +172,16 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _own_session_dying_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: close() and the finalizer still stop it
+        pass
 
 
 def _has_cuda() -> bool:
