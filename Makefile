@@ -61,6 +61,7 @@ bench:
 	$(BIN)/python -m bench.factory
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.serve_vllm
 
 # The support-triage specialist end to end on SmolLM2-135M (CPU, ~20 min); see examples/support-triage.
 demo:

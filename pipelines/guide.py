@@ -9,8 +9,13 @@ Supported: objects (properties, required, additionalProperties), arrays (items, 
 maxItems), strings, numbers, integers, booleans, null, enum, const, anyOf/oneOf, local ``$ref``.
 Other keywords (pattern, minLength, minimum, …) are not enforced while decoding; the contract's
 checker still judges the finished output, so a schema that uses them can still reject a row.
-Whitespace between tokens is allowed, at most ``MAX_WS`` characters at a time, so a model cannot
-spend its whole budget on blank space.
+
+The grammar is the one vLLM's default structured-outputs backend (xgrammar, ``any_whitespace``,
+strict mode) applies to the same schema, so both engines accept the same outputs
+(tests/test_vllm_grammar.py checks it against xgrammar itself): properties in the schema's order
+(optional ones may be left out), extra properties only where ``additionalProperties`` allows them
+and only after the declared ones, enum/const values written compactly, any whitespace between
+tokens but none around the whole value, no ``-0`` integer.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-MAX_WS = 8
 WS = " \t\n\r"
 HEX = "0123456789abcdefABCDEF"
 DIGITS = "0123456789"
@@ -53,10 +57,31 @@ class Num:
 
 
 class Obj:
-    __slots__ = ("props", "required", "extra")
+    __slots__ = ("props", "required", "extra", "order", "raw_names")
 
     def __init__(self, props: dict[str, Node], required: frozenset, extra: Node | None):
         self.props, self.required, self.extra = props, required, extra
+        self.order = {k: i for i, k in enumerate(props)}
+        self.raw_names = frozenset(json.dumps(k, ensure_ascii=False)[1:-1] for k in props)
+
+    def after(self, used: frozenset) -> list[str]:
+        """Declared keys that may still come: those after the last one used (none once an extra came)."""
+        if EXTRA in used:
+            return []
+        last = max((self.order[k] for k in used), default=-1)
+        out = []
+        for k in list(self.props)[last + 1:]:
+            out.append(k)
+            if k in self.required:  # skipping a required key would leave the object uncompletable
+                break
+        return out
+
+    def extra_allowed(self, used: frozenset) -> bool:
+        """An additional property may come next: allowed, and no required key is still due."""
+        return self.extra is not None and self.required <= used
+
+
+EXTRA = "\x00extra"  # marks "an additional property was used" in an object state's key set
 
 
 class Arr:
@@ -90,7 +115,7 @@ class _Compiler:
             return self.ref(schema["$ref"])
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
-            return Node([Lit(json.dumps(v, ensure_ascii=False, separators=(", ", ": "))) for v in values])
+            return Node([Lit(json.dumps(v, ensure_ascii=False, separators=(",", ":"))) for v in values])
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 return Node([a for sub in schema[key] for a in self.node(sub).alts])
@@ -111,7 +136,7 @@ class _Compiler:
 
     def alts_of(self, t: str, schema: dict) -> list:
         if t == "object":
-            extra = schema.get("additionalProperties", True)
+            extra = schema.get("additionalProperties", False)  # strict, as vLLM's backend
             return [Obj({k: self.node(v) for k, v in schema.get("properties", {}).items()},
                         frozenset(schema.get("required", [])), None if extra is False else self.node(extra))]
         if t == "array":
@@ -162,16 +187,23 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         if esc == -1:
             return [rest + (("S", 0),)] if c in '"\\/bfnrt' else [rest + (("S", 4),)] if c == "u" else []
         return [rest + (("S", esc - 1),)] if c in HEX else []
+    if kind == "X":  # an extra key while it may still spell a declared one: ("X", raw names, raw so far)
+        _, names, raw = top
+        if c == '"':
+            return [] if raw in names else [rest]
+        if any(n.startswith(raw + c) for n in names):
+            return [rest + (("X", names, raw + c),)]
+        return _step(rest + (("S", 0),), c)  # no longer a declared name: any string from here
     if kind == "N":  # inside a number: ("N", integer, phase)
         _, integer, phase = top
         nxt = _num_next(phase, c, integer)
         if nxt:
             return [rest + (("N", integer, nxt),)]
         return _step(rest, c) if phase in NUM_ACCEPT else []  # the number ended; c belongs to what follows
-    if kind == "V":  # a value is due: ("V", node, whitespace so far)
+    if kind == "V":  # a value is due: ("V", node, 0), or ("V", node, -1) where no whitespace may precede
         _, node, ws = top
         if c in WS:
-            return [rest + (("V", node, ws + 1),)] if ws < MAX_WS else []
+            return [stack] if ws == 0 else []
         out: list[tuple] = []
         for alt in node.alts:
             out += _start(alt, rest, c)
@@ -184,8 +216,8 @@ def _step(stack: tuple, c: str) -> list[tuple]:
 def _num_next(phase: str, c: str, integer: bool) -> str | None:
     if phase == "start":
         return "sign" if c == "-" else "zero" if c == "0" else "int" if c in DIGITS else None
-    if phase == "sign":
-        return "zero" if c == "0" else "int" if c in DIGITS else None
+    if phase == "sign":  # vLLM's grammar has no integer -0 (a number may be -0)
+        return ("zero" if not integer else None) if c == "0" else "int" if c in DIGITS else None
     if phase in ("int", "zero") and c in DIGITS:
         return "int" if phase == "int" else None
     if phase in ("int", "zero", "frac") and not integer and c in "eE":
@@ -219,24 +251,24 @@ def _step_object(top: tuple, rest: tuple, c: str) -> list[tuple]:
     # ("O", obj, keys used, phase, current key, whitespace); phases: first (after "{"), key (after
     # ","), colon (after a key), next (after a value)
     _, obj, used, phase, key, ws = top
-    if c in WS:
-        return [rest + (("O", obj, used, phase, key, ws + 1),)] if ws < MAX_WS else []
+    if c in WS:  # whitespace does not change the state (so the mask cache serves it)
+        return [rest + (top,)]
     if phase in ("first", "key"):
         if c == "}" and phase == "first" and obj.required <= used:
             return [rest]
         if c != '"':
             return []
         out = [rest + (("O", obj, used, "colon", k, 0), ("L", json.dumps(k, ensure_ascii=False), 1))
-               for k in obj.props if k not in used]
-        if obj.extra is not None:
-            out.append(rest + (("O", obj, used, "colon", None, 0), ("S", 0)))
+               for k in obj.after(used)]
+        if obj.extra_allowed(used):  # any other key (a declared one is not an extra)
+            out.append(rest + (("O", obj, used, "colon", None, 0), ("X", obj.raw_names, "")))
         return out
     if phase == "colon":
         if c != ":":
             return []
         value = obj.props[key] if key is not None else obj.extra
-        return [rest + (("O", obj, used | {key} if key is not None else used, "next", None, 0), ("V", value, 0))]
-    if c == "," and (obj.extra is not None or any(k not in used for k in obj.props)):
+        return [rest + (("O", obj, used | {key if key is not None else EXTRA}, "next", None, 0), ("V", value, 0))]
+    if c == "," and (obj.extra_allowed(used) or obj.after(used)):
         return [rest + (("O", obj, used, "key", None, 0),)]
     if c == "}" and obj.required <= used:
         return [rest]
@@ -247,7 +279,7 @@ def _step_array(top: tuple, rest: tuple, c: str) -> list[tuple]:
     # ("A", arr, items so far, phase, whitespace); phases: first (after "["), next (after an item)
     _, arr, count, phase, ws = top
     if c in WS:
-        return [rest + (("A", arr, count, phase, ws + 1),)] if ws < MAX_WS else []
+        return [rest + (top,)]
     if phase == "first":
         if c == "]" and arr.lo == 0:
             return [rest]
@@ -269,7 +301,7 @@ class Guide:
 
     @classmethod
     def json_schema(cls, schema: dict) -> "Guide":
-        return cls(((("V", _Compiler(schema).node(schema), 0),),))
+        return cls(((("V", _Compiler(schema).node(schema), -1),),))
 
     @classmethod
     def choice(cls, options: list[str]) -> "Guide":

@@ -22,7 +22,11 @@ def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
     """The Serve app (a ``RunTarget``) for one model, without an HTTP route."""
     from ray.serve.api import RunTarget
 
+    from serving.vllm_replica import vllm_target
+
     d = spec.deploy
+    if d.engine != "hf" and (target := vllm_target(spec, ref, registry_uri, faults)) is not None:
+        return target  # vLLM wherever it runs this model; the HF replica below is the fallback
     app = replica_for(d.engine).options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
                                         max_queued_requests=4 * d.max_concurrency).bind(
         ref, registry_uri, d.engine, faults, d.threads_per_replica)

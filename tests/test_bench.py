@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.engines.vllm_server import vllm_python
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CASES = [  # module, toy-size arguments, ratio keys that must be finite numbers, agreement keys
@@ -25,11 +27,16 @@ CASES = [  # module, toy-size arguments, ratio keys that must be finite numbers,
     ("serve", ["--n", "8", "--warmup", "2", "--rounds", "1"], ["router_overhead_ms_p50",
                                                                 "req_per_s_ratio_router_vs_direct"],
      ["same_answers_router_vs_direct"]),
+    pytest.param("serve_vllm", ["--toy", "--n", "8", "--max-tokens", "8", "--rounds", "1", "--warmup", "2"],
+                 ["req_per_s_ratio_crucible_vs_bare", "examples_per_s_ratio_vllm_vs_hf"], [],
+                 marks=pytest.mark.skipif(vllm_python() is None, reason="no vLLM venv: make setup-vllm"),
+                 id="serve_vllm"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module, args, ratios, agreements", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("module, args, ratios, agreements", CASES,
+                         ids=[c[0] if isinstance(c, tuple) else c.id for c in CASES])
 def test_benchmark_runs_and_writes_its_ratios(module, args, ratios, agreements, tmp_path):
     proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *args, "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

@@ -115,3 +115,16 @@ def test_factory_errors_and_auto():
         get_engine("http")
     with pytest.raises(ValueError, match="needs a model"):
         get_engine("hf")
+
+
+def test_guide_cache_is_bounded_and_keeps_the_recent_ones(engine, monkeypatch):
+    import pipelines.engines.hf as hf
+
+    monkeypatch.setattr(hf, "MAX_GUIDES", 3)
+    engine._guides.clear()
+    guides = [json.dumps({"choice": [f"label{i}", "other"]}) for i in range(5)]
+    outs = [engine.generate(chats(1), GenParams(max_new_tokens=4, guide=g))[0].text for g in guides]
+    assert all(o in (f"label{i}", "other") for i, o in enumerate(outs))  # each guide still enforced
+    assert list(engine._guides) == guides[2:]  # least recently used dropped first
+    engine.generate(chats(1), GenParams(max_new_tokens=2, guide=guides[2]))  # a hit moves to the end
+    assert list(engine._guides) == [guides[3], guides[4], guides[2]]

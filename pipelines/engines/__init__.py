@@ -55,20 +55,48 @@ class Engine(Protocol):
 ENGINES = ("auto", "hf", "vllm", "http")
 
 
-def pick_engine(name: str = "auto") -> str:
-    """``auto``: vLLM when a CUDA GPU and the ``vllm`` package are both present, else ``hf``."""
+def pick_engine(name: str = "auto", model: str | None = None, registry=None, *, gguf_file: str | None = None) -> str:
+    """``auto``: vLLM wherever it runs, else ``hf``.
+
+    vLLM runs in this process when ``import vllm`` works with a CUDA GPU, or as a managed server
+    from the vLLM venv (``pipelines.engines.vllm_server``, the CPU build) when that venv exists and
+    can run ``model`` (a GGUF file, or a head size without a CPU kernel, stays on HF).
+    """
     if name not in ENGINES:
         raise ValueError(f"engine {name!r}: choose one of {', '.join(ENGINES)}")
     if name != "auto":
         return name
+    return "vllm" if vllm_unavailable(model, registry, gguf_file=gguf_file) is None else "hf"
+
+
+def vllm_unavailable(model: str | None = None, registry=None, *, gguf_file: str | None = None) -> str | None:
+    """None when the ``vllm`` engine can run ``model`` here, else why not."""
     import importlib.util
 
+    from pipelines.engines import vllm_server
+
+    if gguf_file:
+        return "a GGUF file loads on the HF engine"
+    gpu = False
     if importlib.util.find_spec("vllm") is not None:
         import torch
 
-        if torch.cuda.is_available():
-            return "vllm"
-    return "hf"
+        gpu = torch.cuda.is_available()
+        if gpu:
+            return None
+    if vllm_server.vllm_python() is None:
+        return "no vLLM: neither `import vllm` with a GPU nor a vLLM venv (make setup-vllm, CRUCIBLE_VLLM_PYTHON)"
+    if model is None:
+        return None
+    from pipelines.engines.loading import resolve_model
+
+    try:
+        r = resolve_model(model, registry)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        return f"cannot resolve {model!r}: {e}"
+    if r.gguf_file:
+        return "a GGUF file loads on the HF engine"
+    return vllm_server.cpu_supports(r.base_path if r.adapter else r.path)
 
 
 def get_engine(name: str = "auto", model: str | None = None, url: str | None = None, adapter: str | None = None,
@@ -86,7 +114,7 @@ def get_engine(name: str = "auto", model: str | None = None, url: str | None = N
     Every engine has ``generate(chats, GenParams) -> list[Completion]`` (same order as ``chats``)
     and ``default_system_prompt`` / ``default_guide`` (the model's saved prompt and decoding guide, or None).
     """
-    name = pick_engine(name)
+    name = pick_engine(name, model or adapter, registry, gguf_file=gguf_file)
     if name == "http":
         from pipelines.engines.http import HTTPEngine
 
@@ -96,10 +124,10 @@ def get_engine(name: str = "auto", model: str | None = None, url: str | None = N
     if not model and not adapter:
         raise ValueError(f"engine {name!r} needs a model (a folder, hub name or registry ref)")
     if name == "vllm":
-        from pipelines.engines.vllm import VLLMEngine
+        from pipelines.engines.vllm import open_vllm
 
-        return VLLMEngine(model or adapter, registry, adapter=adapter, dtype=dtype,
-                          trust_remote_code=trust_remote_code, **kwargs)
+        return open_vllm(model or adapter, registry, adapter=adapter, dtype=dtype,
+                         trust_remote_code=trust_remote_code, **kwargs)
     from pipelines.engines.hf import HFEngine
 
     return HFEngine.load(model or adapter, registry, adapter=adapter, batch_size=batch_size, dtype=dtype,

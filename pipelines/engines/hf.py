@@ -9,8 +9,13 @@ prompt directly.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from pipelines.engines import Chat, Completion, GenParams
+
+# compiled guides kept per engine (least recently used dropped): a server that sees one schema
+# per request must not grow without bound; each holds its per-state mask cache
+MAX_GUIDES = 16
 
 
 class HFEngine:
@@ -30,7 +35,7 @@ class HFEngine:
         if gen_eos is not None:
             self._eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self._token_texts = None
-        self._guides: dict[str, object] = {}
+        self._guides: OrderedDict[str, object] = OrderedDict()
 
     @classmethod
     def load(cls, model: str, registry=None, *, adapter: str | None = None, batch_size: int = 16,
@@ -194,12 +199,16 @@ class HFEngine:
         from pipelines.engines.constrain import GuidedLogits, TokenGuide, TokenTexts
         from pipelines.guide import Guide
 
-        if params.guide not in self._guides:
+        tg = self._guides.get(params.guide)
+        if tg is None:
             if self._token_texts is None:  # ~1 s for a 50k vocabulary, once per engine
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 self._token_texts = TokenTexts(self.tokenizer, vocab)
-            self._guides[params.guide] = TokenGuide(Guide.from_spec(params.guide), self._token_texts)
-        return GuidedLogits(self._guides[params.guide], batch, width, self._eos_ids, sample=params.temperature > 0)
+            tg = self._guides[params.guide] = TokenGuide(Guide.from_spec(params.guide), self._token_texts)
+            while len(self._guides) > MAX_GUIDES:
+                self._guides.popitem(last=False)
+        self._guides.move_to_end(params.guide)
+        return GuidedLogits(tg, batch, width, self._eos_ids, sample=params.temperature > 0)
 
     def _finish(self, row: list[int], n_prompt: int, params: GenParams, elapsed: float, batch: int) -> Completion:
         n, reason = len(row), "length"

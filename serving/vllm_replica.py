@@ -1,0 +1,195 @@
+"""A Serve model replica on vLLM: continuous batching from vLLM's own OpenAI server.
+
+Each replica owns one managed vLLM server (``pipelines.engines.vllm_server``) holding the base
+weights once, with the replica's model and any further LoRA adapters of the same base loaded into
+it (multi-LoRA): ``generate(..., model=REF)`` picks one of them per request, so a canary that is an
+adapter of production's base can be served by production's replica. Requests are forwarded one by
+one as they come (no ``@serve.batch``): the server batches whatever is in flight at every step.
+
+It implements ``serving.replica``'s seam (``generate``, ``stream``, ``info``), so the router treats
+it like the HF ``ModelReplica``; both take an optional ``model`` naming one of its loaded adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+from ray import serve
+
+from pipelines.templates import with_system_prompt
+
+
+def guide_body(guide: str | None) -> dict:
+    """``GenParams.guide`` as vLLM request fields (the same mapping the http engine uses)."""
+    if not guide:
+        return {}
+    g = json.loads(guide)
+    if "json_schema" in g:
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "contract", "schema": g["json_schema"]}}}
+    return {"structured_outputs": {"choice": g["choice"]}}
+
+
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+class VLLMReplica:
+    def __init__(self, ref: str, registry_uri: str, adapters: list[str] | None = None, faults: dict | None = None,
+                 threads: int | None = None, max_model_len: int = 2048):
+        import httpx
+
+        from infra.registry import Registry
+        from pipelines.engines.loading import resolve_model
+        from pipelines.engines.vllm_server import VLLMServer
+        from pipelines.modeling import load_tokenizer
+
+        reg = Registry.open(registry_uri)
+        self.ref = reg.get(ref).id
+        main = resolve_model(self.ref, reg)
+        base = main.base_path if main.adapter else str(main.path)
+        loras = {self.ref: str(main.path)} if main.adapter else {}
+        for a in adapters or []:  # further adapters must share the base: one copy of its weights
+            r = resolve_model(a, reg)
+            if not r.adapter or r.base_path != base:
+                raise ValueError(f"adapter {a}: not a LoRA adapter of {base}; give it a replica of its own")
+            loras[reg.get(a).id] = str(r.path)
+        ranks = [json.loads((resolve_model(m, reg).path / "adapter_config.json").read_text()).get("r", 16)
+                 for m in loras]
+        from pipelines.engines.vllm_server import _lora_rank_bucket
+
+        self.server = VLLMServer(base, served_name=self.ref if not main.adapter else "base",
+                                 tokenizer=main.tokenizer_path, loras=loras, max_model_len=max_model_len,
+                                 max_lora_rank=_lora_rank_bucket(max(ranks, default=16)), threads=threads)
+        self.names = {self.ref, *loras}  # model names a request may pick (one copy of the base serves all)
+        self.tokenizer = load_tokenizer(main.tokenizer_path)
+        self.system_prompt = main.system_prompt
+        self.faults = faults or {}
+        self.client = httpx.AsyncClient(base_url=self.server.url, timeout=None,
+                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+    def _served(self, model: str | None) -> str:
+        name = model or self.ref
+        if name not in self.names:
+            raise ValueError(f"model {name!r} is not loaded in this replica (it has {sorted(self.names)})")
+        return name
+
+    async def _faults(self) -> None:
+        if self.faults.get("delay_s"):
+            await asyncio.sleep(self.faults["delay_s"])
+        if random.random() < self.faults.get("error_rate", 0.0):
+            raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
+
+    def _too_long(self, messages: list[dict], limit: int | None) -> dict | None:
+        if not limit:
+            return None
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400}
+        return None
+
+    def _body(self, messages: list[dict], params: dict, model: str | None) -> dict:
+        """The seam's parsed ``params`` (``serving.protocol.params_for``) as a vLLM OpenAI request."""
+        body = {"model": self._served(model), "messages": messages, "max_tokens": params["max_tokens"],
+                "temperature": params["temperature"], "top_p": params["top_p"], "seed": params["seed"],
+                "n": params.get("n", 1), **guide_body(params.get("guide"))}
+        if params.get("stop"):
+            body["stop"] = params["stop"]
+        if params.get("logprobs") is not None:
+            body.update(logprobs=True, top_logprobs=params["logprobs"])
+        return body
+
+    async def generate(self, messages: list[dict], params: dict, model: str | None = None) -> dict:
+        """The router's call (``serving.replica``'s seam): ``{"model", "prompt_tokens", "choices"}``."""
+        await self._faults()
+        messages = with_system_prompt(messages, self.system_prompt)
+        problem = self._too_long(messages, params.get("max_prompt_tokens"))
+        if problem:
+            return problem
+        r = await self.client.post("/v1/chat/completions", json=self._body(messages, params, model))
+        if r.status_code != 200:
+            return {"error": _message(r), "status": r.status_code}
+        data = r.json()
+        usage = data.get("usage") or {}
+        choices = []
+        for c in sorted(data["choices"], key=lambda c: c["index"]):
+            choice = {"text": c["message"].get("content") or "", "finish_reason": _finish(c.get("finish_reason")),
+                      # vLLM reports usage for all n choices together; each choice's own count is not returned
+                      "completion_tokens": usage.get("completion_tokens", 0) // max(len(data["choices"]), 1)}
+            if params.get("logprobs") is not None:
+                choice["logprobs"] = (c.get("logprobs") or {}).get("content") or []
+            choices.append(choice)
+        return {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices}
+
+    async def stream(self, messages: list[dict], params: dict, model: str | None = None):
+        """The seam's stream: ``{"model", "prompt_tokens"}``, ``{"delta"}`` items, then the finish."""
+        await self._faults()
+        messages = with_system_prompt(messages, self.system_prompt)
+        problem = self._too_long(messages, params.get("max_prompt_tokens"))
+        if problem:
+            yield problem
+            return
+        body = {**self._body(messages, params, model), "stream": True,
+                "stream_options": {"include_usage": True}}
+        started, finish, usage = False, "stop", {}
+        async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                yield {"error": _message(r), "status": r.status_code}
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for c in chunk.get("choices") or []:
+                    if not started:
+                        started = True
+                        yield {"model": self.ref, "prompt_tokens": (chunk.get("usage") or {}).get("prompt_tokens", 0)}
+                    if text := (c.get("delta") or {}).get("content"):
+                        yield {"delta": text}
+                    if c.get("finish_reason"):
+                        finish = _finish(c["finish_reason"])
+        if not started:
+            yield {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0)}
+        yield {"finish_reason": finish, "completion_tokens": usage.get("completion_tokens", 0),
+               "prompt_tokens": usage.get("prompt_tokens", 0)}
+
+    def info(self) -> dict:
+        return {"model": self.ref, "engine": "vllm", "models": sorted(self.names), "url": self.server.url}
+
+    def __del__(self):
+        try:
+            self.server.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _message(r) -> str:
+    try:
+        err = r.json().get("error", r.json())
+        return err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    except ValueError:
+        return r.text[:300]
+
+
+def vllm_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
+    """The Serve app for ``ref`` on a vLLM replica, or None where vLLM cannot run it here (HF then)."""
+    from ray.serve.api import RunTarget
+
+    from infra.registry import Registry
+    from pipelines.engines import pick_engine
+
+    d = spec.deploy
+    if pick_engine(d.engine, ref, Registry.open(registry_uri)) != "vllm":
+        return None
+    from serving.app import actor_options, app_name
+
+    app = VLLMReplica.options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
+                              max_queued_requests=4 * d.max_concurrency).bind(
+        ref, registry_uri, None, faults, d.threads_per_replica)
+    return RunTarget(app, name=app_name(spec.task, ref), route_prefix=None)
