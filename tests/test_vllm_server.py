@@ -90,7 +90,7 @@ def test_vllm_replica_serves_base_and_adapter_in_one_server_and_streams(models, 
         base_out = h.generate.remote(messages, dict(params)).result()
         lora_out = h.generate.remote(messages, dict(params), adapter_ref).result()
         hf_base = get_engine("hf", model=str(models["base"])).generate([messages], GenParams(max_new_tokens=8))[0]
-        hf_lora = get_engine("hf", model=str(models["adapter"])).generate([messages], GenParams(max_new_tokens=8))[0]
+        hf_lora = get_engine("hf", model=str(models["adapter"]), registry=reg).generate([messages], GenParams(max_new_tokens=8))[0]
         base_text, lora_text = base_out["choices"][0]["text"], lora_out["choices"][0]["text"]
         assert (base_text, lora_text) == (hf_base.text, hf_lora.text) and hf_base.text != hf_lora.text
         assert base_out["model"] == base_ref and base_out["prompt_tokens"] == hf_base.prompt_tokens
