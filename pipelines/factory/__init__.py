@@ -2,7 +2,8 @@
 
 ``run(spec, registry)`` reads ``data.train`` on Ray Data (sharded reads, then the quality gates
 and signatures as a plain-function ``map_batches``), removes training rows that leak any
-``data.eval`` set, clusters exact and near duplicates (MinHash-LSH, driver side over signatures),
+``data.eval`` set (the same or a near row, or a prompt that repeats or embeds an eval prompt),
+clusters exact and near duplicates (MinHash-LSH over records and prompts, driver side over signatures),
 caps classes, splits by cluster and registers a ``dataset`` artifact: ``train/dev/test.jsonl``,
 ``rejected.jsonl`` (every rejected row with its ``reason``), ``eval/<name>.jsonl``, ``stats.json``,
 and ``report.md``. Nothing is lost: ``input_rows == sum(accepted) + sum(rejected)``.
@@ -105,7 +106,7 @@ def read_and_gate(files: list[str], names: dict[str, str], spec, cfg: dict, *, a
 
 def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Each data.eval set as canonical records (with signatures); malformed eval rows are counted, not kept."""
-    from pipelines.factory.gates import prompt_text, scrub, signature_text, signatures, text_hash
+    from pipelines.factory.gates import exact_key, prompt_features, prompt_key, scrub, signature_text, signatures
     from pipelines.factory.read import kind_of, read_shard
 
     sets, bad = {}, {}
@@ -122,9 +123,10 @@ def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, li
         views = [[{**m, "content": scrub(m["content"])[0]} for m in r["messages"]] if cfg["pii"] != "keep"
                  else r["messages"] for r in records]
         sigs, shingle_sets = signatures([signature_text(v) for v in views], cfg["num_perm"], cfg["shingle"])
-        for rec, view, sig, sh in zip(records, views, sigs, shingle_sets):
-            rec["_sig"] = {"exact": text_hash(signature_text(view)), "prompt": text_hash(prompt_text(view)),
-                           "minhash": sig, "shingles": sh}
+        feats = prompt_features(views, cfg["num_perm"])
+        for j, (rec, view, sig, sh) in enumerate(zip(records, views, sigs, shingle_sets)):
+            rec["_sig"] = {"exact": exact_key(view), "prompt": prompt_key(view), "minhash": sig, "shingles": sh,
+                           **{k: v[j] for k, v in feats.items()}}
         sets[name] = records
     return sets, bad
 
@@ -193,7 +195,8 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
             continue
         live[i]["reason"] = f"duplicate_of:{rep['id']}"
         live[i]["detail"] = f"{dup.kind} duplicate of {live[dup.via]['source']}" + \
-                            (f" (Jaccard {dup.similarity:.2f})" if dup.kind == "near" else "") + \
+                            (f" ({dup.why})" if dup.why else f" (Jaccard {dup.similarity:.2f})" if dup.kind == "near"
+                             else "") + \
                             (f", in the cluster of {rep['source']}" if dup.via != dup.of else "")
     live = [r for r in live if not r["reason"]]
     log(f"dedupe: {len(dups)} duplicate(s) in {len(cluster_sizes)} cluster(s)")
