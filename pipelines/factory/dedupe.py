@@ -113,6 +113,15 @@ def courtesy_key(pnorm: str) -> str:
     return " ".join(w for w in pnorm.split() if w not in COURTESY)
 
 
+def quick_key(pnorm: str) -> tuple[int, tuple[str, ...], frozenset]:
+    """(word count, numbers, words but courtesy words): messages far apart in these are never one
+    message, and comparing them is a few C-level set operations (``similar.same_message`` is not)."""
+    from pipelines.factory.similar import _NUMBER, COURTESY
+
+    words = pnorm.split()
+    return len(words), tuple(sorted(_NUMBER.findall(pnorm))), frozenset(words) - COURTESY
+
+
 class PromptIndex:
     """Prompts (normalised text, 4-gram MinHash) to find rows whose prompt is another's with edits;
     ``by_answer`` restricts candidates to rows with the same answer hash."""
@@ -121,6 +130,7 @@ class PromptIndex:
         self.lsh = LSHIndex(PROMPT_CANDIDATE_THRESHOLD, num_perm)
         self.by_answer = by_answer
         self.texts: dict[int, str] = {}
+        self.quick: dict[int, tuple] = {}
         self.plain: dict[tuple[str, str], list[int]] = {}  # (answer, prompt without courtesy words)
 
     def _salt(self, row: dict) -> str:
@@ -130,18 +140,25 @@ class PromptIndex:
         if not row.get("pminhash"):
             return
         self.texts[key] = row["pnorm"]
+        self.quick[key] = quick_key(row["pnorm"])
         self.lsh.insert(key, hashvalues(row["pminhash"]), salt=self._salt(row).encode())
         self.plain.setdefault((self._salt(row), courtesy_key(row["pnorm"])), []).append(key)
 
     def match(self, row: dict, threshold: float) -> tuple[int, str] | None:
         """(earliest indexed key whose prompt is this row's with edits, why) or None."""
-        from pipelines.factory.similar import same_message
+        from pipelines.factory.similar import SHORT_WORDS, same_message
 
         if not row.get("pminhash"):
             return None
         cands = set(self.lsh.candidates(hashvalues(row["pminhash"]), self._salt(row).encode()))
         cands.update(self.plain.get((self._salt(row), courtesy_key(row["pnorm"])), ()))
+        words, nums, content = quick_key(row["pnorm"])
         for c in sorted(cands):
+            cw, cn, cc = self.quick[c]
+            if cn != nums:
+                continue  # what same_message would refuse first, without its cost
+            if max(cw, words) <= SHORT_WORDS and (abs(cw - words) > 5 or min(len(cc - content), len(content - cc)) > 2):
+                continue
             if (why := same_message(row["pnorm"], self.texts[c], threshold)) is not None:
                 return c, why
         return None
@@ -172,7 +189,7 @@ def find_duplicates(rows: list[dict], *, exact: bool, near: bool, threshold: flo
     return dups
 
 
-CONTAIN_MAX_POSTING = 64  # a 4-gram in more eval prompts than this is too common to find candidates by
+CONTAIN_MAX_POSTING = 24  # a 4-gram in more eval prompts than this is too common to find candidates by
 
 
 class EvalIndex:
@@ -189,6 +206,7 @@ class EvalIndex:
         self.pnorm: list[str] = []
         self.pgrams: list[np.ndarray] = []
         self.postings: dict[int, list[int]] = {}
+        self.rare: list[int] = []
 
     def add(self, set_name: str, row_id: str, exact: str, prompt: str, minhash: bytes,
             shingles: bytes | None = None, pnorm: str = "", pgrams: bytes = b"", pminhash: bytes = b"",
@@ -217,9 +235,11 @@ class EvalIndex:
             if post is not None and len(post) <= CONTAIN_MAX_POSTING:
                 for k in post:
                     hits[k] = hits.get(k, 0) + 1
+        if len(self.rare) != len(self.names):  # how many of each eval prompt's 4-grams are not too common
+            self.rare = [sum(1 for g in grams.tolist() if len(self.postings[g]) <= CONTAIN_MAX_POSTING)
+                         for grams in self.pgrams]
         for k in sorted(hits):
-            rare = sum(1 for g in self.pgrams[k].tolist() if len(self.postings[g]) <= CONTAIN_MAX_POSTING)
-            if hits[k] * 2 >= max(1, rare) and (why := contains(row["pnorm"], self.pnorm[k], grams, self.pgrams[k])):
+            if hits[k] * 2 >= max(1, self.rare[k]) and (why := contains(row["pnorm"], self.pnorm[k], grams, self.pgrams[k])):
                 return k, why
         return None
 

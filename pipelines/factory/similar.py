@@ -7,11 +7,12 @@ is rather than by one similarity number:
 
 - ``same_message``: the two differ only by typos (words within one or two character edits, or the
   whole strings within two), by courtesy words (please, thanks, hi …) and by at most one other
-  inserted word (two from ten words on). Replacing a word by a different word is *not* an edit:
+  inserted word (none under four words, two from ten words on). Replacing a word by a different word is *not* an edit:
   templated variations with the same intent ("check the fee" / "see the fee") stay distinct, and
   so do messages whose numbers differ (order numbers, amounts).
-- ``contains``: a longer message embeds the other (as normalised words, or most of its character
-  4-grams with its numbers present) — the benchmark-decontamination rule for leakage.
+- ``contains``: a longer message embeds the other — its words verbatim or with at most two typos,
+  or (from ``SHARE_MIN_WORDS`` words, where a replaced word no longer hides in the share) most of
+  its character 4-grams with its numbers present: the benchmark-decontamination rule for leakage.
 
 Long prompts (over ``SHORT_WORDS`` words) fall back to character 4-gram Jaccard.
 """
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 import numpy as np
 
 SHORT_WORDS = 40
+SHARE_MIN_WORDS = 20  # the 4-gram share rule of containment applies from this many words
 COURTESY = frozenset("please pls plz kindly thanks thank thx ty you hi hello hey dear asap urgently urgent now "
                      "again ok okay sir madam team guys folks".split())
 _APOS = re.compile(r"['’`´]")
@@ -45,8 +48,11 @@ def char_grams(norm: str) -> np.ndarray:
     return np.unique(g)
 
 
+_NUMBER = re.compile(r"\S*\d\S*")
+
+
 def numbers(words: list[str]) -> list[str]:
-    return sorted(w for w in words if any(c.isdigit() for c in w))
+    return sorted(_NUMBER.findall(" ".join(words)))
 
 
 def edit_distance(a: str, b: str, cap: int) -> int:
@@ -71,62 +77,90 @@ def edit_distance(a: str, b: str, cap: int) -> int:
     return min(prev[len(b)], cap + 1)
 
 
+@lru_cache(maxsize=1 << 16)
 def _typo(a: str, b: str) -> bool:
-    """Two words that are one word mistyped: one edit up to 6 letters, two beyond; never digits."""
+    """Two words that are one word mistyped: one edit up to 6 letters, two beyond; never digits,
+    and the first letter kept (or swapped with the second) — "unsubscribe" is not "subscribe"."""
     if a == b:
         return True
     if min(len(a), len(b)) < 3 or any(c.isdigit() for c in a + b):
+        return False
+    if a[0] != b[0] and not (a[0] == b[1] and a[1] == b[0]):
         return False
     cap = 1 if max(len(a), len(b)) <= 6 else 2
     return edit_distance(a, b, cap) <= cap
 
 
-def _align(a: list[str], b: list[str]) -> tuple[int, int, int]:
-    """(courtesy words inserted, other words inserted, typo pairs) of the cheapest alignment of two
-    word lists in which words only match themselves or their typos; a substitution is not allowed."""
-    inf = (10**6, 10**6, 10**6)
+_INF = 10**6
+
+
+def _align(a: list[str], b: list[str]) -> tuple[int, int, int, int]:
+    """(courtesy words inserted, other words only in a, other words only in b, typo pairs) of the
+    cheapest alignment in which words only match themselves or their typos (no substitution)."""
+    lead = 0  # the common prefix and suffix align for free: the table covers only the middle
+    while lead < min(len(a), len(b)) and a[lead] == b[lead]:
+        lead += 1
+    a, b = a[lead:], b[lead:]
+    while a and b and a[-1] == b[-1]:
+        a, b = a[:-1], b[:-1]
     n, m = len(a), len(b)
-    # cost tuples compare by (other insertions, courtesy insertions, typos)
-    best = [[inf] * (m + 1) for _ in range(n + 1)]
-    best[0][0] = (0, 0, 0)
+    # cost tuples: (other words in a + in b, courtesy, typos, other in a, other in b)
+    best = [[(_INF,)] * (m + 1) for _ in range(n + 1)]
+    best[0][0] = (0, 0, 0, 0, 0)
     for i in range(n + 1):
         for j in range(m + 1):
-            o, c, t = best[i][j]
-            if o >= 10**6:
+            cur = best[i][j]
+            if cur[0] >= _INF:
                 continue
-            if i < n:  # a word of a not in b
-                step = (o, c + 1, t) if a[i] in COURTESY else (o + 1, c, t)
+            o, c, t, oa, ob = cur
+            if i < n:
+                step = (o, c + 1, t, oa, ob) if a[i] in COURTESY else (o + 1, c, t, oa + 1, ob)
                 best[i + 1][j] = min(best[i + 1][j], step)
             if j < m:
-                step = (o, c + 1, t) if b[j] in COURTESY else (o + 1, c, t)
+                step = (o, c + 1, t, oa, ob) if b[j] in COURTESY else (o + 1, c, t, oa, ob + 1)
                 best[i][j + 1] = min(best[i][j + 1], step)
             if i < n and j < m and _typo(a[i], b[j]):
-                best[i + 1][j + 1] = min(best[i + 1][j + 1], (o, c, t + (a[i] != b[j])))
-    o, c, t = best[n][m]
-    return c, o, t
+                best[i + 1][j + 1] = min(best[i + 1][j + 1], (o, c, t + (a[i] != b[j]), oa, ob))
+    o, c, t, oa, ob = best[n][m]
+    return c, oa, ob, t
+
+
+def _plausible(wa: list[str], wb: list[str], budget: int) -> bool:
+    """A cheap necessary condition for the edit rules (most candidate pairs fail it)."""
+    if abs(len(wa) - len(wb)) > budget + 3:
+        return False
+    sa, sb = set(wa) - COURTESY, set(wb) - COURTESY
+    return min(len(sa - sb), len(sb - sa)) <= 2  # the shorter side may differ only by typos
 
 
 def same_message(a: str, b: str, threshold: float = 0.8) -> str | None:
     """Why the normalised messages ``a`` and ``b`` are one message with edits, or None.
 
-    Short messages by the edit rules above; long ones by character 4-gram Jaccard >= ``threshold``."""
+    Short messages by the edit rules above (words added on one side only: a word replaced by
+    another is a different message); long ones by character 4-gram Jaccard >= ``threshold``."""
     if a == b:
         return "same text"
     wa, wb = a.split(), b.split()
-    if numbers(wa) != numbers(wb):
+    if abs(len(wa) - len(wb)) > 5 and max(len(wa), len(wb)) <= SHORT_WORDS:
+        return None  # more than the edit rules allow (cheap test first: most candidates end here)
+    if sorted(_NUMBER.findall(a)) != sorted(_NUMBER.findall(b)):
         return None
     if max(len(wa), len(wb)) > SHORT_WORDS:
         ga, gb = char_grams(a), char_grams(b)
         inter = len(np.intersect1d(ga, gb, assume_unique=True))
         j = inter / (len(ga) + len(gb) - inter)
         return f"prompt 4-gram Jaccard {j:.2f}" if j >= threshold else None
-    if min(len(a), len(b)) >= 10 and edit_distance(a, b, 2) <= 2:
-        return "typo"
-    courtesy, other, typos = _align(wa, wb)
-    budget = 1 if min(len(wa), len(wb)) < 10 else 2
-    if other <= budget and courtesy <= 3 and typos <= 2 and min(len(wa), len(wb)) > other:
+    if a.replace(" ", "") == b.replace(" ", ""):
+        return "words joined or split"
+    shorter = min(len(wa), len(wb))
+    budget = 0 if shorter < 4 else 1 if shorter < 10 else 2  # "edit account" / "edit pro account" differ
+    if not _plausible(wa, wb, budget):
+        return None
+    courtesy, only_a, only_b, typos = _align(wa, wb)
+    added = max(only_a, only_b)
+    if min(only_a, only_b) == 0 and added <= budget and courtesy <= 3 and typos <= 2:
         parts = [f"{k} {what}" for k, what in ((typos, "typo(s)"), (courtesy, "courtesy word(s)"),
-                                                (other, "word(s) added")) if k]
+                                                (added, "word(s) added")) if k]
         return ", ".join(parts) or "same words"
     return None
 
@@ -143,15 +177,20 @@ def contains(outer: str, inner: str, outer_grams: np.ndarray, inner_grams: np.nd
     if not set(numbers(wi)) <= set(outer.split()):
         return None
     hit = len(np.intersect1d(inner_grams, outer_grams, assume_unique=True)) / len(inner_grams)
-    if hit >= share:
+    # The share rule needs a long inner message: on short ones 80% of the 4-grams survive a
+    # replaced word ("editing data on premium account" / "changing data on premium account").
+    if hit >= share and len(wi) >= SHARE_MIN_WORDS:
         return f"contains {hit:.0%} of its 4-grams"
     if hit < 0.5:
         return None
     # Embedded with typos: some window of the outer words is the inner message with <= 2 typos.
-    wo, n = outer.split(), len(wi)
+    wo, n, inner_set = outer.split(), len(wi), set(wi)
     for size in (n, n - 1, n + 1):
         for start in range(0, len(wo) - size + 1):
-            courtesy, other, typos = _align(wo[start:start + size], wi)
-            if other == 0 and typos <= 2:
+            window = wo[start:start + size]
+            if len(inner_set - set(window)) > 2:
+                continue
+            courtesy, only_window, only_inner, typos = _align(window, wi)
+            if only_window == only_inner == 0 and typos <= 2:
                 return f"contains it with {typos} typo(s)"
     return None
