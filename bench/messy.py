@@ -160,7 +160,9 @@ def score_messy(truth: dict, accepted: list[dict], rejected: list[dict], eval_ro
         return any(a in rej and rej[a]["reason"].startswith("duplicate_of:") and rej[a]["reason"].split(":", 1)[1] in (b, k, of)
                    for a, b in ((k, of), (of, k)))
 
-    near_hit = [k for k in near if near_caught(k)]
+    # A copy of an original that itself leaks an eval row is rejected as that leak, with it: caught too.
+    leaked = lambda k: k in rej and rej[k]["reason"].startswith("leaked:")
+    near_hit = [k for k in near if near_caught(k) or (leaked(k) and leaked(truth[k]["of"]))]
     leak_hit = [k for k in leaks if k in rej and rej[k]["reason"].startswith("leaked:")]
     wrong = [{"id": k, "text": truth[k]["text"], "reason": rej[k]["reason"], "detail": rej[k]["detail"]}
              for k, t in truth.items() if t["kind"] == "original" and k in rej]

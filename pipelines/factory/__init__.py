@@ -147,9 +147,17 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
     log = log or (lambda msg: None)
     started = time.time()
     files = expand_sources(list(spec.data.train) + list(extra_sources or []))
-    if not files:
-        raise ValueError("data.train: no training files (give paths or globs)")
     names = short_names(files + list(spec.data.eval.values()))
+    log_ids: list[str] = []
+    if spec.data.request_logs is not None:  # served traffic, read through the registry (the flywheel)
+        from pipelines.factory.requestlogs import SOURCE_NAME, write_source
+
+        if (found := write_source(spec, registry)) is not None:
+            files.append(str(found[0]))
+            names[str(found[0])], log_ids = SOURCE_NAME, found[1]
+        log(f"request logs: {len(log_ids)} log(s) of {spec.data.request_logs.task or spec.task}")
+    if not files:
+        raise ValueError("data.train: no training files (give paths or globs, or data.request_logs with logged rows)")
     tok_json, tok_note = tokenizer_json(spec, registry)
     cfg = gate_config(spec, tok_json)
     log(f"reading {len(files)} file(s) on Ray Data; lengths: {tok_note}")
@@ -229,7 +237,8 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         else:
             inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec),
                       "content_hash": content_hash, "base_model": spec.model.base, "tokenizer": tok_note,
-                      "sources": summary["sources"], "eval_sets": summary["eval_sets"]}
+                      "sources": summary["sources"], "eval_sets": summary["eval_sets"],
+                      **({"request_logs": log_ids} if log_ids else {})}
             manifest, reused = registry.add_directory("dataset", spec.task, out, inputs=inputs, metadata=figures), False
     return manifest, {"dataset": manifest.id, "reused": reused, **figures, "leaked_by_set": summary["leaked_by_set"],
                       "per_class": summary["per_class"]}
