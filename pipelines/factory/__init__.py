@@ -33,8 +33,9 @@ def file_sha256(path: str) -> str:
     return sha(path)[0]
 
 
-def data_fingerprint(spec) -> str:
-    """What a dataset is made from: the data section, contract, length settings and file contents."""
+def data_fingerprint(spec, registry=None) -> str:
+    """What a dataset is made from: the data section, contract, length settings and file contents
+    (and, given the registry, the request logs ``data.request_logs`` reads: new traffic, new data)."""
     from pipelines.factory.read import expand_sources
 
     try:
@@ -45,6 +46,11 @@ def data_fingerprint(spec) -> str:
            "model": {k: spec.to_dict()["model"][k] for k in ("base", "max_seq_len", "system_prompt", "gguf_file")},
            "train_files": [file_sha256(f) for f in files],
            "eval_files": {k: file_sha256(v) for k, v in sorted(spec.data.eval.items()) if Path(v).is_file()}}
+    if spec.data.request_logs is not None and registry is not None:
+        from pipelines.factory.requestlogs import request_logs
+
+        rl = spec.data.request_logs
+        doc["request_logs"] = [m.id for m in request_logs(registry, rl.task or spec.task, rl.since)]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -235,7 +241,7 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         if existing:
             manifest, reused = existing[-1], True
         else:
-            inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec),
+            inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec, registry),
                       "content_hash": content_hash, "base_model": spec.model.base, "tokenizer": tok_note,
                       "sources": summary["sources"], "eval_sets": summary["eval_sets"],
                       **({"request_logs": log_ids} if log_ids else {})}
