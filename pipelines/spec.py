@@ -139,6 +139,26 @@ class Teacher(Strict):
     min_safety: int = Field(4, ge=1, le=5)
 
 
+class RequestLogs(Strict):
+    """Served traffic as a factory source (the flywheel): the request logs serving wrote to the registry."""
+    task: str | None = Field(None, description="whose logs (default: this spec's task)")
+    since: float | str | None = Field(None, description="only rows logged at or after this (epoch seconds or ISO time)")
+    label: Literal["none"] = Field("none", description="none: the served answer is the row's answer, through every "
+                                   "gate (contract, PII, dedupe against training, leakage against eval)")
+
+    @field_validator("since")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from datetime import datetime
+
+            try:
+                datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not epoch seconds or an ISO time (2026-01-31T12:00:00+00:00)") from None
+        return v
+
+
 class Data(Strict):
     train: list[str] = Field(default_factory=list, description="paths or globs (JSONL, JSONL.gz, CSV)")
     format: Literal["auto", "messages", "chat", "instruction", "csv", "preference"] = "auto"
@@ -153,6 +173,7 @@ class Data(Strict):
     leak_phrases: list[str] = Field(default_factory=list, description="extra phrases that reject an answer as "
                                     "leaked generation instructions (case-insensitive; built-ins always apply)")
     teacher: Teacher | None = None
+    request_logs: RequestLogs | None = None
 
     @field_validator("train", mode="before")
     @classmethod

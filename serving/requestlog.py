@@ -78,6 +78,7 @@ class RequestLog:
         try:
             m = Registry.open(self.registry_uri).create(
                 "deployment", self.task, files={"requests.jsonl": data},
+                inputs={"models": sorted({r["model"] for r in rows if r.get("model")})},  # lineage: who answered
                 metadata={"type": "request_log", "rows": len(rows), "format": "messages",
                           "first_ts": rows[0]["ts"], "last_ts": rows[-1]["ts"],
                           "models": sorted({r["model"] for r in rows})})

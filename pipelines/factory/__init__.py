@@ -2,7 +2,8 @@
 
 ``run(spec, registry)`` reads ``data.train`` on Ray Data (sharded reads, then the quality gates
 and signatures as a plain-function ``map_batches``), removes training rows that leak any
-``data.eval`` set, clusters exact and near duplicates (MinHash-LSH, driver side over signatures),
+``data.eval`` set (the same or a near row, or a prompt that repeats or embeds an eval prompt),
+clusters exact and near duplicates (MinHash-LSH over records and prompts, driver side over signatures),
 caps classes, splits by cluster and registers a ``dataset`` artifact: ``train/dev/test.jsonl``,
 ``rejected.jsonl`` (every rejected row with its ``reason``), ``eval/<name>.jsonl``, ``stats.json``,
 and ``report.md``. Nothing is lost: ``input_rows == sum(accepted) + sum(rejected)``.
@@ -32,8 +33,9 @@ def file_sha256(path: str) -> str:
     return sha(path)[0]
 
 
-def data_fingerprint(spec) -> str:
-    """What a dataset is made from: the data section, contract, length settings and file contents."""
+def data_fingerprint(spec, registry=None) -> str:
+    """What a dataset is made from: the data section, contract, length settings and file contents
+    (and, given the registry, the request logs ``data.request_logs`` reads: new traffic, new data)."""
     from pipelines.factory.read import expand_sources
 
     try:
@@ -44,6 +46,11 @@ def data_fingerprint(spec) -> str:
            "model": {k: spec.to_dict()["model"][k] for k in ("base", "max_seq_len", "system_prompt", "gguf_file")},
            "train_files": [file_sha256(f) for f in files],
            "eval_files": {k: file_sha256(v) for k, v in sorted(spec.data.eval.items()) if Path(v).is_file()}}
+    if spec.data.request_logs is not None and registry is not None:
+        from pipelines.factory.requestlogs import request_logs
+
+        rl = spec.data.request_logs
+        doc["request_logs"] = [m.id for m in request_logs(registry, rl.task or spec.task, rl.since)]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -105,7 +112,7 @@ def read_and_gate(files: list[str], names: dict[str, str], spec, cfg: dict, *, a
 
 def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Each data.eval set as canonical records (with signatures); malformed eval rows are counted, not kept."""
-    from pipelines.factory.gates import prompt_text, scrub, signature_text, signatures, text_hash
+    from pipelines.factory.gates import exact_key, prompt_features, prompt_key, scrub, signature_text, signatures
     from pipelines.factory.read import kind_of, read_shard
 
     sets, bad = {}, {}
@@ -122,9 +129,10 @@ def read_eval_sets(spec, cfg: dict, names: dict[str, str]) -> tuple[dict[str, li
         views = [[{**m, "content": scrub(m["content"])[0]} for m in r["messages"]] if cfg["pii"] != "keep"
                  else r["messages"] for r in records]
         sigs, shingle_sets = signatures([signature_text(v) for v in views], cfg["num_perm"], cfg["shingle"])
-        for rec, view, sig, sh in zip(records, views, sigs, shingle_sets):
-            rec["_sig"] = {"exact": text_hash(signature_text(view)), "prompt": text_hash(prompt_text(view)),
-                           "minhash": sig, "shingles": sh}
+        feats = prompt_features(views, cfg["num_perm"])
+        for j, (rec, view, sig, sh) in enumerate(zip(records, views, sigs, shingle_sets)):
+            rec["_sig"] = {"exact": exact_key(view), "prompt": prompt_key(view), "minhash": sig, "shingles": sh,
+                           **{k: v[j] for k, v in feats.items()}}
         sets[name] = records
     return sets, bad
 
@@ -145,9 +153,17 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
     log = log or (lambda msg: None)
     started = time.time()
     files = expand_sources(list(spec.data.train) + list(extra_sources or []))
-    if not files:
-        raise ValueError("data.train: no training files (give paths or globs)")
     names = short_names(files + list(spec.data.eval.values()))
+    log_ids: list[str] = []
+    if spec.data.request_logs is not None:  # served traffic, read through the registry (the flywheel)
+        from pipelines.factory.requestlogs import SOURCE_NAME, write_source
+
+        if (found := write_source(spec, registry)) is not None:
+            files.append(str(found[0]))
+            names[str(found[0])], log_ids = SOURCE_NAME, found[1]
+        log(f"request logs: {len(log_ids)} log(s) of {spec.data.request_logs.task or spec.task}")
+    if not files:
+        raise ValueError("data.train: no training files (give paths or globs, or data.request_logs with logged rows)")
     tok_json, tok_note = tokenizer_json(spec, registry)
     cfg = gate_config(spec, tok_json)
     log(f"reading {len(files)} file(s) on Ray Data; lengths: {tok_note}")
@@ -193,7 +209,8 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
             continue
         live[i]["reason"] = f"duplicate_of:{rep['id']}"
         live[i]["detail"] = f"{dup.kind} duplicate of {live[dup.via]['source']}" + \
-                            (f" (Jaccard {dup.similarity:.2f})" if dup.kind == "near" else "") + \
+                            (f" ({dup.why})" if dup.why else f" (Jaccard {dup.similarity:.2f})" if dup.kind == "near"
+                             else "") + \
                             (f", in the cluster of {rep['source']}" if dup.via != dup.of else "")
     live = [r for r in live if not r["reason"]]
     log(f"dedupe: {len(dups)} duplicate(s) in {len(cluster_sizes)} cluster(s)")
@@ -224,9 +241,10 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         if existing:
             manifest, reused = existing[-1], True
         else:
-            inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec),
+            inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec, registry),
                       "content_hash": content_hash, "base_model": spec.model.base, "tokenizer": tok_note,
-                      "sources": summary["sources"], "eval_sets": summary["eval_sets"]}
+                      "sources": summary["sources"], "eval_sets": summary["eval_sets"],
+                      **({"request_logs": log_ids} if log_ids else {})}
             manifest, reused = registry.add_directory("dataset", spec.task, out, inputs=inputs, metadata=figures), False
     return manifest, {"dataset": manifest.id, "reused": reused, **figures, "leaked_by_set": summary["leaked_by_set"],
                       "per_class": summary["per_class"]}

@@ -6,7 +6,9 @@ through the one ``Checker``), ``leaked_instruction`` (generation instructions th
 answer), ``pii:<kind>`` (when ``data.pii`` is ``reject``; ``scrub`` replaces matches with
 placeholders such as ``[EMAIL]``), ``too_long`` (tokens of the chat with the base model's
 tokenizer, over ``model.max_seq_len``). Surviving rows get their signatures for dedupe and
-leakage: a normalised-text hash, a prompt hash and a MinHash over word shingles.
+leakage: a normalised-text hash, a prompt hash, a MinHash over word shingles, and the prompt's
+own features (normalised text, character 4-grams and their MinHash, the answer's hash) for the
+short-text rules of ``pipelines.factory.similar``.
 """
 
 from __future__ import annotations
@@ -106,6 +108,38 @@ def prompt_text(messages: list[dict]) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode()).hexdigest()[:32]
+
+
+def exact_key(messages: list[dict]) -> str:
+    """The exact-duplicate key: user turns without case and punctuation ("Cancel it!!" is "cancel it"),
+    the other turns without case and spacing only (an answer's punctuation can be its meaning)."""
+    from pipelines.factory.similar import norm_message
+
+    return text_hash("\n".join(f"{m['role']}: " + (norm_message(m["content"]) if m["role"] == "user" else m["content"])
+                               for m in messages if m["role"] != "system"))
+
+
+def prompt_key(messages: list[dict]) -> str:
+    from pipelines.factory.similar import norm_message
+
+    return text_hash(norm_message(prompt_text(messages)))
+
+
+def answer_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def prompt_features(chats: list[list[dict]], num_perm: int) -> dict[str, list]:
+    """Per chat: the normalised prompt (``pnorm``), its character 4-grams (``pgrams``, uint32 bytes),
+    their MinHash (``pminhash``) and the answer's hash (``answer``) — the prompt-level dedupe and
+    leakage rules (``pipelines.factory.similar``) work on these."""
+    from pipelines.factory.similar import char_grams, norm_message
+
+    pnorm = [norm_message(prompt_text(c)) for c in chats]
+    grams = [char_grams(p) for p in pnorm]
+    return {"pnorm": pnorm, "pgrams": [g.tobytes() for g in grams],
+            "pminhash": minhashes_of([g.astype(np.uint64) for g in grams], num_perm) if grams else [],
+            "answer": [text_hash(answer_text(c)) for c in chats]}
 
 
 def shingle_hashes(text: str, n: int) -> np.ndarray:
@@ -285,10 +319,14 @@ def gate_batch(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, Any]:
         else:
             keep.append(i)
     sigs, sets = signatures([signature_text(parsed[i]["messages"]) for i in keep], cfg["num_perm"], cfg["shingle"])
-    for i, s, sh in zip(keep, sigs, sets):
+    feats = prompt_features([parsed[i]["messages"] for i in keep], cfg["num_perm"])
+    extra = {k: [b"" if k in ("pgrams", "pminhash") else ""] * n for k in feats}
+    for j, (i, s, sh) in enumerate(zip(keep, sigs, sets)):
         msgs = parsed[i]["messages"]
         records[i] = json.dumps(parsed[i], ensure_ascii=False)
-        exact[i], prompt[i], sig[i], shingles[i] = text_hash(signature_text(msgs)), text_hash(prompt_text(msgs)), s, sh
+        exact[i], prompt[i], sig[i], shingles[i] = exact_key(msgs), prompt_key(msgs), s, sh
+        for k, vals in feats.items():
+            extra[k][i] = vals[j]
     return {"order": batch["order"], "source": batch["source"], "record": records, "reason": reasons,
             "detail": details, "raw": batch["raw"], "label": labels, "tokens": tokens, "exact": exact,
-            "prompt": prompt, "minhash": sig, "shingles": shingles}
+            "prompt": prompt, "minhash": sig, "shingles": shingles, **extra}
