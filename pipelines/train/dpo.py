@@ -201,7 +201,7 @@ def dpo_loop(config: dict) -> None:
     from infra.registry import Registry
     from pipelines.spec import Spec
     from pipelines.train import checkpoint as ckpt
-    from pipelines.train.loop import _peak_rss_mb, lr_at, save_model_folder
+    from pipelines.train.loop import _peak_rss_mb, lr_at, save_model_folder, summed_over_ranks
     from pipelines.train.model import apply_method, load_base, trainable_parameters
 
     spec = Spec.model_validate(config["spec"])
@@ -215,12 +215,7 @@ def dpo_loop(config: dict) -> None:
     registry = Registry.open(config["registry"])
     t0 = time.time()
 
-    def all_reduce(x: float) -> float:
-        if not distributed:
-            return x
-        v = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(v)
-        return float(v.item())
+    all_reduce = summed_over_ranks if distributed else float
 
     folder = registry.materialize(config["dataset"])
     torch.manual_seed(t.seed)

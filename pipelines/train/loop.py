@@ -89,6 +89,16 @@ def target_count(batch) -> int:
     return int((shift_labels(batch["labels"], batch.get("position_ids")) != IGNORE).sum())
 
 
+def summed_over_ranks(x: float) -> float:
+    """``x`` summed over every rank of the process group (float64, so token counts stay exact)."""
+    import torch
+    import torch.distributed as dist
+
+    v = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(v)
+    return float(v.item())
+
+
 def accumulate(model, micro_batches, backward, *, world: int = 1, all_reduce=None, precision: str = "fp32"
                ) -> tuple[float, int]:
     """Forward + backward every micro-batch of one optimizer step; returns (global loss, global tokens)."""
@@ -209,12 +219,7 @@ def train_loop(config: dict) -> None:
     target = config.get("progress")
     log = lambda msg: _log(rank, msg, target)  # noqa: E731
 
-    def all_reduce(x: float) -> float:
-        if not distributed or world == 1:
-            return x
-        v = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(v)
-        return float(v.item())
+    all_reduce = summed_over_ranks if distributed and world > 1 else float
 
     # Data: every worker reads the same dataset version and takes its own share of the batches.
     folder = registry.materialize(config["dataset"])
