@@ -51,6 +51,24 @@ def gen_params(p: dict):
                      stop=tuple(p["stop"]), seed=p["seed"], guide=p.get("guide"), logprobs=p.get("logprobs"))
 
 
+async def inject_faults(faults: dict, ref: str) -> None:
+    """Test-only fault injection (``delay_s``, ``error_rate``): a real replica stalls or fails."""
+    if faults.get("delay_s"):
+        await asyncio.sleep(faults["delay_s"])
+    if random.random() < faults.get("error_rate", 0.0):
+        raise RuntimeError(f"injected fault in {ref} (test-only fault injection)")
+
+
+def prompt_limit(tokenizer, messages: list[dict], limit: int | None) -> tuple[dict | None, int]:
+    """(the 400 answer when the rendered prompt is over ``limit`` tokens, else None; its token count)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if limit and n > limit:
+        return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400,
+                "param": "messages"}, n
+    return None, n
+
+
 @serve.deployment(max_ongoing_requests=16, graceful_shutdown_timeout_s=30)
 class ModelReplica:
     """One model behind the engine interface (HF, the fallback everywhere); concurrent requests are
@@ -81,20 +99,11 @@ class ModelReplica:
 
     async def _admit(self, messages: list[dict], params: dict) -> tuple[dict | None, int]:
         """(an error answer or None, the prompt's token count) after the test faults and the limit."""
-        if self.faults.get("delay_s"):
-            await asyncio.sleep(self.faults["delay_s"])
-        if random.random() < self.faults.get("error_rate", 0.0):
-            raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
+        await inject_faults(self.faults, self.ref)
         if self.tokenizer is None:
             return None, 0
-        text = self.tokenizer.apply_chat_template(with_system_prompt(messages, self.system_prompt),
-                                                  tokenize=False, add_generation_prompt=True)
-        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        limit = params.get("max_prompt_tokens")
-        if limit and n > limit:
-            return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400,
-                    "param": "messages"}, n
-        return None, n
+        return prompt_limit(self.tokenizer, with_system_prompt(messages, self.system_prompt),
+                            params.get("max_prompt_tokens"))
 
     async def generate(self, messages: list[dict], params: dict) -> dict:
         problem, _ = await self._admit(messages, params)

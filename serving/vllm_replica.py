@@ -12,13 +12,12 @@ it like the HF ``ModelReplica``; both take an optional ``model`` naming one of i
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 
 from ray import serve
 
 from pipelines.templates import with_system_prompt
+from serving.replica import inject_faults, prompt_limit
 
 
 def guide_body(guide: str | None) -> dict:
@@ -72,21 +71,6 @@ class VLLMReplica:
             raise ValueError(f"model {name!r} is not loaded in this replica (it has {sorted(self.names)})")
         return name
 
-    async def _faults(self) -> None:
-        if self.faults.get("delay_s"):
-            await asyncio.sleep(self.faults["delay_s"])
-        if random.random() < self.faults.get("error_rate", 0.0):
-            raise RuntimeError(f"injected fault in {self.ref} (test-only fault injection)")
-
-    def _too_long(self, messages: list[dict], limit: int | None) -> dict | None:
-        if not limit:
-            return None
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n > limit:
-            return {"error": f"the prompt has {n} tokens; this deployment takes at most {limit}", "status": 400}
-        return None
-
     def _body(self, messages: list[dict], params: dict, model: str | None) -> dict:
         """The seam's parsed ``params`` (``serving.protocol.params_for``) as a vLLM OpenAI request."""
         body = {"model": self._served(model), "messages": messages, "max_tokens": params["max_tokens"],
@@ -100,9 +84,10 @@ class VLLMReplica:
 
     async def generate(self, messages: list[dict], params: dict, model: str | None = None) -> dict:
         """The router's call (``serving.replica``'s seam): ``{"model", "prompt_tokens", "choices"}``."""
-        await self._faults()
+        await inject_faults(self.faults, self.ref)
         messages = with_system_prompt(messages, self.system_prompt)
-        problem = self._too_long(messages, params.get("max_prompt_tokens"))
+        limit = params.get("max_prompt_tokens")  # vLLM counts the prompt itself: tokenize only to enforce a limit
+        problem = prompt_limit(self.tokenizer, messages, limit)[0] if limit else None
         if problem:
             return problem
         r = await self.client.post("/v1/chat/completions", json=self._body(messages, params, model))
@@ -122,9 +107,10 @@ class VLLMReplica:
 
     async def stream(self, messages: list[dict], params: dict, model: str | None = None):
         """The seam's stream: ``{"model", "prompt_tokens"}``, ``{"delta"}`` items, then the finish."""
-        await self._faults()
+        await inject_faults(self.faults, self.ref)
         messages = with_system_prompt(messages, self.system_prompt)
-        problem = self._too_long(messages, params.get("max_prompt_tokens"))
+        limit = params.get("max_prompt_tokens")  # vLLM counts the prompt itself: tokenize only to enforce a limit
+        problem = prompt_limit(self.tokenizer, messages, limit)[0] if limit else None
         if problem:
             yield problem
             return
