@@ -86,17 +86,17 @@ def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int):
 # -- the math (pure torch; the tests call it directly) -------------------------------------------
 def sequence_logps(model, batch, *, average: bool = False):
     """Per row, the sum (or mean) of the log-probs of its trained tokens."""
-    from pipelines.train.data import shift_labels
-
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = shift_labels(batch["labels"]).to(logits.device)
-    mask = targets != IGNORE
-    # log-softmax only at answer positions: most positions are prompt, and a vocab-wide fp32 copy
-    # of every position's logits is the largest tensor of the step
-    picked = logits[mask].float().log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    rows = mask.nonzero()[:, 0]
+    from pipelines.train.data import shift_labels
+    from pipelines.train.loop import label_logits
+
+    # the LM head and log-softmax only at answer positions (most positions are prompt): the same
+    # label-only head as SFT, so a vocab-wide logits tensor is never built
+    logits, targets = label_logits(model, batch)
+    mask = shift_labels(batch["labels"]) != IGNORE
+    picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rows = mask.nonzero()[:, 0].to(picked.device)
     total = torch.zeros(mask.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
