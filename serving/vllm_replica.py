@@ -13,6 +13,7 @@ it like the HF ``ModelReplica``; both take an optional ``model`` naming one of i
 from __future__ import annotations
 
 import json
+import time
 
 from ray import serve
 
@@ -30,7 +31,9 @@ def guide_body(guide: str | None) -> dict:
     return {"structured_outputs": {"choice": g["choice"]}}
 
 
-@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+# no Serve access log: each request is already in the request log and the metrics, and a log line per
+# request costs CPU in the replica and in Ray's log forwarding (measured by bench.serve_vllm)
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30, logging_config={"enable_access_log": False})
 class VLLMReplica:
     def __init__(self, ref: str, registry_uri: str, adapters: list[str] | None = None, faults: dict | None = None,
                  threads: int | None = None, max_model_len: int = 2048):
@@ -71,6 +74,18 @@ class VLLMReplica:
             raise ValueError(f"model {name!r} is not loaded in this replica (it has {sorted(self.names)})")
         return name
 
+    def _over_limit(self, messages: list[dict], limit: int | None) -> dict | None:
+        """The 400 answer for a prompt over ``limit`` tokens, else None. vLLM counts the prompt itself,
+        so tokenize only where it could be over: a token covers at least one byte of the rendered
+        prompt (byte-level BPE, byte fallback; +1 for a SentencePiece prefix), so a prompt of fewer
+        bytes than the limit is within it without tokenizing."""
+        if not limit:
+            return None
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if len(text.encode()) + 1 <= limit:
+            return None
+        return prompt_limit(self.tokenizer, messages, limit)[0]
+
     def _body(self, messages: list[dict], params: dict, model: str | None) -> dict:
         """The seam's parsed ``params`` (``serving.protocol.params_for``) as a vLLM OpenAI request."""
         body = {"model": self._served(model), "messages": messages, "max_tokens": params["max_tokens"],
@@ -86,11 +101,12 @@ class VLLMReplica:
         """The router's call (``serving.replica``'s seam): ``{"model", "prompt_tokens", "choices"}``."""
         await inject_faults(self.faults, self.ref)
         messages = with_system_prompt(messages, self.system_prompt)
-        limit = params.get("max_prompt_tokens")  # vLLM counts the prompt itself: tokenize only to enforce a limit
-        problem = prompt_limit(self.tokenizer, messages, limit)[0] if limit else None
+        problem = self._over_limit(messages, params.get("max_prompt_tokens"))
         if problem:
             return problem
+        t0 = time.perf_counter()
         r = await self.client.post("/v1/chat/completions", json=self._body(messages, params, model))
+        engine_s = time.perf_counter() - t0  # the engine's share of the latency (the router reports the rest)
         if r.status_code != 200:
             return {"error": _message(r), "status": r.status_code}
         data = r.json()
@@ -103,14 +119,14 @@ class VLLMReplica:
             if params.get("logprobs") is not None:
                 choice["logprobs"] = (c.get("logprobs") or {}).get("content") or []
             choices.append(choice)
-        return {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices}
+        return {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices,
+                "engine_s": engine_s}
 
     async def stream(self, messages: list[dict], params: dict, model: str | None = None):
         """The seam's stream: ``{"model", "prompt_tokens"}``, ``{"delta"}`` items, then the finish."""
         await inject_faults(self.faults, self.ref)
         messages = with_system_prompt(messages, self.system_prompt)
-        limit = params.get("max_prompt_tokens")  # vLLM counts the prompt itself: tokenize only to enforce a limit
-        problem = prompt_limit(self.tokenizer, messages, limit)[0] if limit else None
+        problem = self._over_limit(messages, params.get("max_prompt_tokens"))
         if problem:
             yield problem
             return
@@ -142,7 +158,8 @@ class VLLMReplica:
                "prompt_tokens": usage.get("prompt_tokens", 0)}
 
     def info(self) -> dict:
-        return {"model": self.ref, "engine": "vllm", "models": sorted(self.names), "url": self.server.url}
+        return {"model": self.ref, "engine": "vllm", "models": sorted(self.names), "url": self.server.url,
+                "server_pid": self.server.proc.pid}
 
     def __del__(self):
         try:

@@ -61,8 +61,10 @@ def _mutate(v: dict, rng: random.Random) -> dict:
     return v
 
 
-def _texts(v) -> list[str]:
-    return [json.dumps(v), json.dumps(v, separators=(",", ":")), json.dumps(v, indent=2, ensure_ascii=False)]
+def _texts(v) -> list[tuple[str, bool]]:
+    """(text, whether it is compact): the grammar is vLLM's with whitespace off, compact JSON only."""
+    return [(json.dumps(v, separators=(",", ":")), True), (json.dumps(v, separators=(",", ":"), ensure_ascii=False), True),
+            (json.dumps(v), False), (json.dumps(v, indent=2, ensure_ascii=False), False)]
 
 
 def test_automaton_agrees_with_jsonschema_on_valid_and_broken_records():
@@ -74,12 +76,12 @@ def test_automaton_agrees_with_jsonschema_on_valid_and_broken_records():
         good = _valid_value(rng)
         for v in (good, _mutate(good, rng)):
             expect = validator.is_valid(v)
-            for text in _texts(v):
-                assert g.accepts(text) == expect, (text, expect)
+            for text, compact in _texts(v):
+                assert g.accepts(text) == (expect and compact), (text, expect)
                 checked += 1
                 rejected += not expect
             if expect:  # every prefix of a valid text must stay completable
-                text = json.dumps(v)
+                text = json.dumps(v, separators=(",", ":"))
                 state = g.start
                 for i, c in enumerate(text):
                     state = g.advance(state, c)
@@ -88,15 +90,17 @@ def test_automaton_agrees_with_jsonschema_on_valid_and_broken_records():
 
 
 @pytest.mark.parametrize("prefix, ok", [
-    ('{"kind": "cancel', True), ('{"kind": "cancel_', True), ('{"kind": "edit', False),
-    ('{"kind": "cancel", "n": 01', False), ('{"kind": "cancel", "n": -', True), ('{"kind": "cancel", "n": 1.', False), ('{"kind": "cancel", "n": 1, "entity": {"type": "a\\', True),
-    ('{"kind": "cancel", "n": 1, "entity": {"type": "a\\x', False), ('{"kind": "cancel", "kind"', False),  # a key twice
-    ('{"kind": "cancel", "n": 1,', True),  # optional keys remain
-    ('{"kind": "cancel", "n": 1, "entity": null,', False),  # entity is the last key: none may follow
-    ('{"n": 1', False), ('{"kind": "cancel", "tags": [], "n"', False),  # keys in the schema's order only
-    ('{"kind": "cancel", "n": -0', False),  # no integer -0, as vLLM's grammar
-    ('{"kind": "cancel", "n": 1, "entity": null}x', False), ('{' + " " * 20, True), (" {", False),
-    ('{"kind": "cancel", "n": 1, "tags": ["red", "green",', False),  # maxItems 2
+    ('{"kind":"cancel', True), ('{"kind":"cancel_', True), ('{"kind":"edit', False),
+    ('{"kind":"cancel","n":01', False), ('{"kind":"cancel","n":-', True), ('{"kind":"cancel","n":1.', False), ('{"kind":"cancel","n":1,"entity":{"type":"a\\', True),
+    ('{"kind":"cancel","n":1,"entity":{"type":"a\\x', False), ('{"kind":"cancel","kind"', False),  # a key twice
+    ('{"kind":"cancel","n":1,', True),  # optional keys remain
+    ('{"kind":"cancel","n":1,"entity":null,', False),  # entity is the last key: none may follow
+    ('{"n":1', False), ('{"kind":"cancel","tags":[],"n"', False),  # keys in the schema's order only
+    ('{"kind":"cancel","n":-0', False),  # no integer -0, as vLLM's grammar
+    ('{"kind":"cancel","n":1,"entity":null}x', False), (" {", False),
+    ('{"kind":"cancel","n":1,"tags":["red","green",', False),  # maxItems 2
+    ('{ ', False), ('{"kind": ', False), ('{"kind":"cancel",\n', False),  # no whitespace outside strings
+    ('{"kind":"cancel","n":1,"entity":{"type":"a b\\n', True),  # inside a string it is text
 ])
 def test_prefixes(prefix, ok):
     g = Guide.json_schema(SCHEMA)

@@ -120,3 +120,33 @@ def test_mirror_isolates_failures_and_bounds_work():
         return m.stats()
 
     assert asyncio.run(main()) == {"sent": 2, "skipped": 1, "failed": 1, "in_flight": 0}
+
+
+def test_summary_while_another_thread_records():
+    """The router reads summaries in a worker thread while its event loop records: never an error."""
+    import threading
+
+    from serving.policy import LiveStats
+
+    s, stop, errors = LiveStats(window=5000), threading.Event(), []
+
+    def record():
+        i = 0
+        while not stop.is_set():
+            s.record(i % 7 != 0, i % 3 == 0, 0.001 * (i % 50))
+            i += 1
+
+    t = threading.Thread(target=record)
+    t.start()
+    try:
+        for _ in range(300):
+            try:
+                summary = s.summary()
+                assert summary["requests"] <= 5000 and 0 <= summary["error_rate"] <= 1
+            except RuntimeError as e:  # "deque mutated during iteration"
+                errors.append(e)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:1]
+    assert s.total > 0

@@ -271,8 +271,6 @@ def test_openai_streaming_matches_the_whole_answer(app, oai):
     assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
 
 
-@pytest.mark.xfail(strict=False, reason="known bug since the HF guide follows vLLM's grammar (unlimited whitespace): "
-                   "the random tiny model writes newlines inside the tool call until max_tokens, so no tool_calls")
 def test_openai_json_schema_tools_n_logprobs_stop_seed(app, oai):
     prod = app["refs"]["production"]
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],

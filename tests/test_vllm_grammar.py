@@ -23,7 +23,10 @@ TRIAGE = json.loads((ROOT / "examples" / "support-triage" / "schema.json").read_
 OPEN = {"type": "object", "required": ["id"], "additionalProperties": {"type": "integer"},
         "properties": {"id": {"type": "string"}, "score": {"type": "number"}, "n": {"type": "integer"},
                        "list": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}}
-SCHEMAS = [SCHEMA, TRIAGE, ENUM_SCHEMA, OPEN]
+# untyped values: xgrammar writes their commas as ", " (its quirk, which the guide follows)
+UNTYPED = {"type": "object", "required": ["meta"],
+           "properties": {"meta": {}, "list": {"type": "array"}, "obj": {"type": "object"}}}
+SCHEMAS = [SCHEMA, TRIAGE, ENUM_SCHEMA, OPEN, UNTYPED]
 
 
 def _value(i: int, rng: random.Random):
@@ -44,6 +47,13 @@ def _value(i: int, rng: random.Random):
     if i == 2:
         return {"label": rng.choice(["alpha", "bravo", "charlie delta", "charlie"]), "flag": rng.random() < 0.5,
                 "sub": rng.choice([None, {"x": 1}, {"x": 2}, {"x": 3}])}
+    if i == 4:
+        v = {"meta": rng.choice([1, "s", None, [1, [2, 3]], {"a": [1, {"b": 2}], "c": True}])}
+        if rng.random() < 0.5:
+            v["list"] = rng.choice([[], [1, "x"], [{"k": [1, 2]}]])
+        if rng.random() < 0.5:
+            v["obj"] = rng.choice([{}, {"a": 1, "b": [1, 2]}])
+        return v
     v = {"id": rng.choice(["a", "", "ü"])}
     for k, make in (("score", lambda: rng.choice([1, -0.5, 2e-7])), ("n", lambda: rng.choice([1, -2, 0.5])),
                     ("list", lambda: [rng.randint(-9, 9) for _ in range(rng.randint(0, 3))])):
@@ -55,13 +65,16 @@ def _value(i: int, rng: random.Random):
 
 
 def _texts(v, rng: random.Random) -> list[str]:
-    texts = [json.dumps(v, separators=(",", ":")), json.dumps(v), json.dumps(v, indent=2, ensure_ascii=False),
+    compact = json.dumps(v, separators=(",", ":"))
+    texts = [compact, json.dumps(v, separators=(",", ":"), ensure_ascii=False), compact.replace(",", ", "),
+             json.dumps(v, separators=(", ", ":")), compact.replace(":", ": ", 1),
+             json.dumps(v), json.dumps(v, indent=2, ensure_ascii=False),
              json.dumps(v, indent="\t"), json.dumps(v).replace(": ", " :  "), json.dumps(v, indent=12),
              " " + json.dumps(v), json.dumps(v) + "\n", json.dumps(v).replace("{", "{\r\n", 1)]
     keys = list(v)
     if len(keys) > 1:  # another key order: valid JSON for the schema, but not what the grammar emits
         rng.shuffle(keys)
-        texts.append(json.dumps({k: v[k] for k in keys}))
+        texts.append(json.dumps({k: v[k] for k in keys}, separators=(",", ":")))
     return texts
 
 
@@ -75,7 +88,10 @@ def test_hf_guide_accepts_exactly_what_vllm_grammar_accepts():
     cases += [[0, '{"kind":"cancel","n":-0,"entity":null}'], [0, '{"kind":"cancel","n":1,"score":-0,"entity":null}'],
               [0, '{"kind":"cancel","n":01,"entity":null}'], [0, '{"kind":"cancel","n":1,"score":.5,"entity":null}'],
               [3, '{"id":"a","extra":1,"n":2}'], [3, '{"id":"a","n":2,"extra":1}'], [3, '{"n":2,"id":"a"}'],
-              [2, '{"label":"alpha","flag":true,"sub":{"x":1 }}'], [1, '{}'], [3, '{"id":"a\\u00e9\\/"}']]
+              [2, '{"label":"alpha","flag":true,"sub":{"x":1 }}'], [1, '{}'], [3, '{"id":"a\\u00e9\\/"}'],
+              [4, '{"meta":[1, 2],"list":[1, [2, 3]]}'], [4, '{"meta":[1,2]}'], [4, '{"meta":{"a":1, "b":2}}'],
+              [4, '{"meta":{"a":1,"b":2}}'], [4, '{"meta":1,"obj":{"k":[1, 2], "j":null}}'], [4, '{"meta":[ 1]}'],
+              [4, '{"meta":{"a": 1}}'], [4, '{"meta":[1,  2]}'], [4, '{"meta":1, "list":[]}']]
     proc = subprocess.run([str(py), "-m", "tests.vllm_grammar"], input=json.dumps({"schemas": SCHEMAS, "cases": cases}),
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("GRAMMAR-JSON ")]
@@ -86,4 +102,4 @@ def test_hf_guide_accepts_exactly_what_vllm_grammar_accepts():
     differ = [(SCHEMAS.index(SCHEMAS[i]), t, o, x) for (i, t), o, x in zip(cases, ours, theirs) if o != x]
     assert not differ, f"{len(differ)} of {len(cases)} differ (schema, text, ours, vLLM's): {differ[:8]}"
     # the corpus must exercise both answers, and its tricky cases
-    assert 0.2 < sum(ours) / len(ours) < 0.8, sum(ours)
+    assert 0.05 < sum(ours) / len(ours) < 0.8, sum(ours)  # most texts carry whitespace: few are accepted

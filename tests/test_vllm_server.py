@@ -94,6 +94,7 @@ def test_vllm_replica_serves_base_and_adapter_in_one_server_and_streams(models, 
         base_text, lora_text = base_out["choices"][0]["text"], lora_out["choices"][0]["text"]
         assert (base_text, lora_text) == (hf_base.text, hf_lora.text) and hf_base.text != hf_lora.text
         assert base_out["model"] == base_ref and base_out["prompt_tokens"] == hf_base.prompt_tokens
+        assert 0 < base_out["engine_s"] < 600  # the engine's share, which the router's Server-Timing reports
         too_long = h.generate.remote(messages, {**params, "max_prompt_tokens": 2}).result()
         assert too_long["status"] == 400 and "at most 2" in too_long["error"]
         items = list(h.options(stream=True).stream.remote(messages, dict(params), adapter_ref))

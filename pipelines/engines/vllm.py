@@ -16,6 +16,11 @@ import time
 
 from pipelines.engines import Chat, Completion, GenParams
 
+# How every vLLM we start enforces a guide (in-process and the managed server alike): xgrammar, and
+# compact JSON. The HF guide (pipelines.guide) follows exactly this grammar; with whitespace allowed
+# a small model can write newlines until max_tokens.
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+
 
 def available() -> bool:
     import importlib.util
@@ -59,7 +64,7 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
         self._lora = None
         kw = dict(model=base, tokenizer=resolved.tokenizer_path, max_model_len=max_model_len, dtype=dtype,
-                  trust_remote_code=trust_remote_code, seed=0,
+                  trust_remote_code=trust_remote_code, seed=0, structured_outputs_config=dict(STRUCTURED_OUTPUTS),
                   enforce_eager=(not torch.cuda.is_available()) if enforce_eager is None else enforce_eager)
         # on the CPU build this fraction is of host RAM (reserved for the KV cache), so keep it small there
         kw["gpu_memory_utilization"] = gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.1)

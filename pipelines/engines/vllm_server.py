@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 
 from pipelines.engines import Chat, Completion, GenParams
+from pipelines.engines.vllm import STRUCTURED_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[2]
 # vLLM's CPU attention kernels exist for these head sizes only (vllm/v1/attention/backends/cpu_attn.py)
@@ -104,7 +105,8 @@ class VLLMServer:
         cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0",
-               "--max-num-seqs", str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log"]
+               "--max-num-seqs", str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log",
+               "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)]
         if tokenizer:
             cmd += ["--tokenizer", str(tokenizer)]
         if trust_remote_code:
