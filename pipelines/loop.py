@@ -39,8 +39,8 @@ def find_model(spec, registry, dataset_id: str) -> Any | None:
     want = _sections_hash(spec.to_dict(), "model", "train", "contract")
     for model in reversed(registry.list("model", spec.task)):
         run_id = model.inputs.get("run")
-        if model.inputs.get("dataset") != dataset_id or not run_id:
-            continue
+        if model.inputs.get("dataset") != dataset_id or not run_id or model.inputs.get("merged_from"):
+            continue  # a merge of the run's adapter (a repair round's `continue`) is not what it trained
         saved = _saved_spec(registry, registry.get(run_id))
         if saved and _sections_hash(saved, "model", "train", "contract") == want:
             return model
