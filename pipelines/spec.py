@@ -143,8 +143,11 @@ class RequestLogs(Strict):
     """Served traffic as a factory source (the flywheel): the request logs serving wrote to the registry."""
     task: str | None = Field(None, description="whose logs (default: this spec's task)")
     since: float | str | None = Field(None, description="only rows logged at or after this (epoch seconds or ISO time)")
-    label: Literal["none"] = Field("none", description="none: the served answer is the row's answer, through every "
-                                   "gate (contract, PII, dedupe against training, leakage against eval)")
+    label: Literal["none", "teacher", "judge"] = Field(
+        "none", description="none: the served answer is the row's answer; teacher: data.teacher answers the logged "
+        "prompt instead; judge: eval.judge scores the served answer and rows under min_score are rejected "
+        "(judge:below_min) — each through every gate (contract, PII, dedupe against training, leakage against eval)")
+    min_score: float = Field(70, ge=0, le=100, description="label: judge — the lowest judge score (0-100) kept")
 
     @field_validator("since")
     @classmethod
