@@ -236,7 +236,7 @@ def init_model_cmd(out_dir: Path = typer.Argument(..., metavar="OUT", help="Fold
 # Each stage lives in its own module under jobs/ with a ``register(app)`` that adds its commands;
 # the module also runs as ``python -m jobs.<stage> SPEC`` (locally or under ``ray job submit``).
 STAGES = ("jobs.factory", "jobs.train", "jobs.evaluate", "jobs.serve", "jobs.run", "jobs.submit", "jobs.export",
-          "jobs.card")
+          "jobs.card", "jobs.repair")
 
 
 def _register_stages() -> None:

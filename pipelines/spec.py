@@ -143,8 +143,11 @@ class RequestLogs(Strict):
     """Served traffic as a factory source (the flywheel): the request logs serving wrote to the registry."""
     task: str | None = Field(None, description="whose logs (default: this spec's task)")
     since: float | str | None = Field(None, description="only rows logged at or after this (epoch seconds or ISO time)")
-    label: Literal["none"] = Field("none", description="none: the served answer is the row's answer, through every "
-                                   "gate (contract, PII, dedupe against training, leakage against eval)")
+    label: Literal["none", "teacher", "judge"] = Field(
+        "none", description="none: the served answer is the row's answer; teacher: data.teacher answers the logged "
+        "prompt instead; judge: eval.judge scores the served answer and rows under min_score are rejected "
+        "(judge:below_min) — each through every gate (contract, PII, dedupe against training, leakage against eval)")
+    min_score: float = Field(70, ge=0, le=100, description="label: judge — the lowest judge score (0-100) kept")
 
     @field_validator("since")
     @classmethod
@@ -382,6 +385,23 @@ class Deploy(Strict):
                                         "model card turns measured throughput into cost per 1k requests")
 
 
+class Repair(Strict):
+    """One repair round of `crucible run`: eval -> repair rows for the top failure clusters -> retrain -> eval."""
+    rounds: int = Field(0, ge=0, le=3, description="repair rounds after the first eval (0: off)")
+    per_cluster: int = Field(40, ge=1, description="repair rows made per repaired cluster")
+    clusters: int = Field(3, ge=1, description="repair the clusters with the most failures, this many")
+    seed: int = 0
+    teacher: bool = Field(True, description="also teacher rewrites where data.teacher is set")
+    retrain: Literal["fresh", "continue"] = Field("fresh", description="fresh: the spec's base, trained on the "
+                                                  "repaired dataset; continue: the repaired model's LoRA merged "
+                                                  "into its base, then a new LoRA on the repaired dataset")
+    max_steps: int | None = Field(None, ge=1, description="training steps of the retrain (default: train.max_steps)")
+
+
+class Loop(Strict):
+    repair: Repair = Field(default_factory=Repair)
+
+
 class Spec(Strict):
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
                       description="lowercase name; artifacts and aliases are grouped by it")
@@ -393,6 +413,7 @@ class Spec(Strict):
     eval: Eval = Field(default_factory=Eval)
     gates: list[Gate] = Field(default_factory=list)
     deploy: Deploy = Field(default_factory=Deploy)
+    loop: Loop = Field(default_factory=Loop)
     registry: str = DEFAULT_REGISTRY
     # How it was loaded (not part of the spec or its hash): the selected profile, the files merged.
     _profile: str | None = PrivateAttr(None)

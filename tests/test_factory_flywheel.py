@@ -94,3 +94,49 @@ def test_served_answers_become_a_dataset_with_lineage(ray_local, tiny_model, tmp
     assert walk["training_row_ids"] == [r["id"] for r in map(json.loads, reg.read_file(first.id, "train.jsonl")
                                                               .decode().splitlines())]
     assert walk["training_rows"] > 0
+
+
+def _logged(reg, task: str, answers: dict[str, str]) -> str:
+    """Rows as serving's request log writes them (its own writer, to the real registry)."""
+    from serving.requestlog import RequestLog, make_row
+
+    rl = RequestLog(reg.uri, task, flush_rows=1000)
+    for prompt, answer in answers.items():
+        rl.add(make_row(messages=[{"role": "user", "content": prompt}], answer=answer, model="model-x", role="production",
+                        latency_ms=5.0, valid=True, reason=None, status=200, user_hash=None))
+    return rl.flush()
+
+
+def test_request_logs_labelled_by_the_teacher_or_the_judge(ray_local, tiny_model, tmp_path):
+    """label: teacher — a local tiny model answers each logged prompt under the label contract, the
+    served answer kept beside it; label: judge — the judge scores the served answers and a row it
+    does not score high enough is rejected with its reason, nothing lost."""
+    from infra.registry import Registry
+    from pipelines.factory import build
+    from pipelines.spec import spec_from_dict
+
+    reg = Registry.open(f"file://{tmp_path / 'registry'}")
+    served = {f"is the number {n} even or odd, tell me": "even" for n in (11, 23, 35, 47)}
+    log_id = _logged(reg, "lab", served)
+    base = {"task": "lab", "registry": reg.uri, "model": {"base": str(tiny_model), "max_seq_len": 64},
+            "contract": {"type": "label", "labels": ["even", "odd"]},
+            "data": {"request_logs": {"label": "teacher"},
+                     "teacher": {"engine": "hf", "model": str(tiny_model), "max_new_tokens": 4}}}
+    dataset, summary = build(spec_from_dict(base), reg, progress=False)
+    folder = reg.materialize(dataset.id)
+    kept = [json.loads(line) for s in ("train", "dev", "test") for line in (folder / f"{s}.jsonl").read_text().splitlines()]
+    assert summary["input_rows"] == 4 and len(kept) + sum(summary["rejected"].values()) == 4
+    assert kept and all(r["meta"]["label"] == "teacher" and r["meta"]["served_answer"] == "even" for r in kept)
+    assert all(r["messages"][-1]["content"] in ("even", "odd") for r in kept)  # decoded under the contract
+    assert {r["meta"]["request_log"] for r in kept} == {log_id} and dataset.inputs["request_logs"] == [log_id]
+
+    judged = {**base, "data": {"request_logs": {"label": "judge", "min_score": 101 - 1}},
+              "eval": {"judge": {"engine": "hf", "model": str(tiny_model)}}}
+    dataset, summary = build(spec_from_dict(judged), reg, progress=False)
+    rejected = [json.loads(line) for line in (reg.materialize(dataset.id) / "rejected.jsonl").read_text().splitlines()]
+    # A random tiny model never writes "Score: 100": every row is rejected, each with its score.
+    assert summary["input_rows"] == 4 and summary["rejected"] == {"judge:below_min": 4}
+    assert all(r["meta"]["judged"]["passed"] is False and r["messages"][-1]["content"] == "even" for r in rejected)
+
+    with pytest.raises(ValueError, match="data.request_logs.label: 'judge' needs eval.judge"):
+        build(spec_from_dict({**judged, "eval": {}}), reg, progress=False)

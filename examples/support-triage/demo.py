@@ -103,14 +103,19 @@ def main() -> None:
     else:
         print(f"  reusing {TASK}@base = {reg.alias(TASK, 'base')['target']}")
 
-    print("\n== 3. the loop: factory → LoRA SFT → eval (baselines side by side) → gate")
+    print("\n== 3. the loop: factory → LoRA SFT → eval → repair round (loop.repair) → retrain → eval "
+          "(baselines side by side) → gate")
     result = sh("run", str(SPEC), "--until", "gate", capture_json=True, check=False)
     if not result or "eval" not in result.get("steps", {}):
         sys.exit(f"demo stopped: the loop did not reach the eval: {json.dumps(result, indent=2)}")
     steps = result["steps"]
-    model, ev = steps["train"]["ref"], steps["eval"]["ref"]
+    # With a repair round the model to ship is the retrained one, judged by the last eval.
+    model = steps.get("retrain", steps["train"])["ref"]
+    ev = steps.get("reeval", steps["eval"])["ref"]
     report = reg.materialize(ev) / "report.html"
     print(f"  dataset {steps['factory']['ref']}  accepted {steps['factory'].get('accepted')}")
+    for rnd in result.get("repair", []):
+        print("\n" + reg.read_file(rnd["report"], "repair.md").decode())
     print(f"  model {model}\n  eval  {ev}\n  report {report}")
     print_figures(reg, ev)
     if not result.get("passed"):

@@ -143,8 +143,15 @@ def reason_key(reason: str) -> str:
 
 
 def build(spec, registry, *, address: str | None = None, extra_sources: list[str] | None = None,
-          progress: bool = True, log: Callable[[str], None] | None = None) -> tuple[Any, dict]:
-    """Run the factory; returns (dataset manifest, summary dict with the ``crucible factory --json`` keys)."""
+          progress: bool = True, log: Callable[[str], None] | None = None, augment: list[str] | None = None,
+          extra_inputs: dict | None = None, extra_files: dict[str, bytes] | None = None) -> tuple[Any, dict]:
+    """Run the factory; returns (dataset manifest, summary dict with the ``crucible factory --json`` keys).
+
+    ``augment``: files of deliberate surface variants of training rows (``pipelines.factory.repair``):
+    every gate and the eval leakage check apply, but not near-dedupe; they are kept out of the
+    clustering (the other rows keep their clusters and splits), go to train, and are rejected when
+    character-identical to another row or a near copy of a dev/test row. ``extra_inputs`` /
+    ``extra_files`` are added to the manifest (a repair's lineage and rows)."""
     from pipelines.factory.dedupe import EvalIndex, find_duplicates
     from pipelines.factory.read import expand_sources, short_names
     from pipelines.factory.report import render_report
@@ -164,6 +171,9 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         log(f"request logs: {len(log_ids)} log(s) of {spec.data.request_logs.task or spec.task}")
     if not files:
         raise ValueError("data.train: no training files (give paths or globs, or data.request_logs with logged rows)")
+    n_base = len(files)
+    files += [str(Path(a).resolve()) for a in augment or []]
+    names.update({f: f"augment:{Path(f).name}" for f in files[n_base:]})
     tok_json, tok_note = tokenizer_json(spec, registry)
     cfg = gate_config(spec, tok_json)
     log(f"reading {len(files)} file(s) on Ray Data; lengths: {tok_note}")
@@ -196,6 +206,8 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
         live = [r for r in live if not r["reason"]]
     log(f"leakage: {sum(leaked_by_set.values())} training row(s) repeat an eval row")
 
+    augmented = [r for r in live if r["order"] // 10**10 >= n_base]
+    live = [r for r in live if r["order"] // 10**10 < n_base]
     # Clusters are always found (a split must keep near-duplicates together even when the spec
     # keeps them); data.dedupe.exact / .near decide only whether the non-representatives are rejected.
     dups = find_duplicates(live, exact=True, near=True, threshold=d.threshold, num_perm=d.num_perm)
@@ -227,10 +239,17 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
     for r in live:  # by cluster key: every member of a cluster lands in its representative's split
         r["split"] = assign(r["cluster"], ratios, spec.data.split.seed)
 
+    if augmented:
+        place_augmented(augmented, live, leaked_by_set, d)
+        log(f"augment: {sum(1 for r in augmented if not r['reason'])} of {len(augmented)} variant row(s) kept")
+
     summary = summarize(rows, files, names, evals, eval_bad, leaked_by_set, cluster_sizes, tok_note, spec)
     with tempfile.TemporaryDirectory(prefix="crucible-factory-") as tmp:
         out = Path(tmp)
         write_files(out, rows, evals, summary, spec)
+        for rel, data in (extra_files or {}).items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
         (out / "report.md").write_text(render_report(summary, rows, spec))
         content_hash = _folder_hash(out)
         wall = time.time() - started
@@ -244,10 +263,39 @@ def build(spec, registry, *, address: str | None = None, extra_sources: list[str
             inputs = {"spec_hash": spec.spec_hash(), "data_fingerprint": data_fingerprint(spec, registry),
                       "content_hash": content_hash, "base_model": spec.model.base, "tokenizer": tok_note,
                       "sources": summary["sources"], "eval_sets": summary["eval_sets"],
-                      **({"request_logs": log_ids} if log_ids else {})}
+                      **({"request_logs": log_ids} if log_ids else {}), **(extra_inputs or {})}
             manifest, reused = registry.add_directory("dataset", spec.task, out, inputs=inputs, metadata=figures), False
     return manifest, {"dataset": manifest.id, "reused": reused, **figures, "leaked_by_set": summary["leaked_by_set"],
                       "per_class": summary["per_class"]}
+
+
+def place_augmented(augmented: list[dict], live: list[dict], leaked_by_set: Counter, d) -> None:
+    """Variant rows (``build(augment=…)``) into train, or rejected: character-identical to a kept
+    row or an earlier variant (``duplicate_of``), or a near copy of a dev/test row (``leaked:split:<s>``)."""
+    from pipelines.factory.dedupe import EvalIndex
+
+    held = EvalIndex(d.threshold, d.num_perm)
+    for r in live:
+        if r["split"] != "train":
+            held.add(r["split"], r["id"], exact=r["exact"], prompt=r["prompt"], minhash=r["minhash"],
+                     shingles=r.get("shingles"), pnorm=r.get("pnorm", ""), pgrams=r.get("pgrams", b""),
+                     pminhash=r.get("pminhash", b""), answer=r.get("answer", ""))
+    seen = {_text_key(r): r["id"] for r in live}
+    for r in augmented:
+        if (first := seen.get(key := _text_key(r))) is not None:
+            r["reason"], r["detail"] = f"duplicate_of:{first}", "the same text as a kept row (character for character)"
+            continue
+        if (hit := held.match(r)) is not None:
+            r["reason"], r["detail"] = f"leaked:split:{hit[0]}", f"repeats {hit[0]} row {hit[1]} ({hit[2]})"
+            leaked_by_set[f"split:{hit[0]}"] += 1
+            continue
+        seen[key] = r["id"]
+        r["split"], r["cluster"] = "train", r["exact"]
+
+
+def _text_key(r: dict) -> str:
+    msgs = json.loads(r["record"])["messages"]
+    return hashlib.sha256(json.dumps([[m["role"], m["content"]] for m in msgs if m["role"] != "system"]).encode()).hexdigest()
 
 
 def run(spec, registry, **kw):

@@ -242,6 +242,9 @@ TURN_OVERHEAD = 4  # role markers and end-of-turn tokens per message (ChatML use
 def gate_record(record: dict, cfg: dict, tools: dict) -> tuple[str, str, dict]:
     """(reason, detail, record) for one canonical record; reason "" when it passes every gate but length."""
     msgs = record["messages"]
+    judged = (record.get("meta") or {}).get("judged")
+    if isinstance(judged, dict) and judged.get("passed") is False:  # a request-log row the judge scored low
+        return "judge:below_min", f"judge score {judged.get('score')} under {judged.get('min')}", record
     for i, m in enumerate(msgs):
         if m["role"] in ("user", "assistant"):
             size = len(m["content"].strip())

@@ -54,6 +54,8 @@ def write_source(spec, registry) -> tuple[Path, list[str]] | None:
                     "status": row.get("status")}
             lines.append(json.dumps({"id": f"{m.id}#{n}", "messages": row.get("messages", []), "meta": meta},
                                     ensure_ascii=False))
+    if cfg.label != "none":
+        lines = [json.dumps(r, ensure_ascii=False) for r in relabel(spec, registry, [json.loads(x) for x in lines])]
     data = ("\n".join(lines) + "\n").encode()
     folder = Path(registry.cache_dir) / "request-logs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,50 @@ def write_source(spec, registry) -> tuple[Path, list[str]] | None:
     if not path.exists():
         path.write_bytes(data)
     return path, [m.id for m in logs]
+
+
+def relabel(spec, registry, rows: list[dict]) -> list[dict]:
+    """``label: teacher``: data.teacher answers each logged prompt (under the contract's guide), the
+    served answer kept as ``meta.served_answer``; ``label: judge``: eval.judge scores each served
+    answer 0-100 (``meta.judged``), and the gates reject those under ``min_score`` or unscored."""
+    cfg = spec.data.request_logs
+    todo = [r for r in rows if len(r["messages"]) >= 2 and r["messages"][-1].get("role") == "assistant"]
+    new = {id(r): n for r, n in zip(todo, _relabel(spec, registry, cfg, todo))}
+    return [new.get(id(r), r) for r in rows]  # a row without a served answer goes on as logged: the gates say why
+
+
+def _relabel(spec, registry, cfg, rows: list[dict]) -> list[dict]:
+    from pipelines.engines import GenParams, get_engine
+
+    prompts = [r["messages"][:-1] for r in rows]
+    if cfg.label == "teacher":
+        t = spec.data.teacher
+        if t is None:
+            raise ValueError("data.request_logs.label: 'teacher' needs data.teacher (the engine that answers)")
+        from pipelines.guide import guide_for
+
+        engine = get_engine(t.engine, model=t.model, url=t.url, registry=registry, api_key_env=t.api_key_env)
+        # the teacher labels under the contract whatever eval/serving do: a label must be a valid answer
+        c = spec.contract
+        guide = guide_for(c.model_copy(update={"constrained_decoding": True})) if c.type in ("json", "label") else None
+        params = GenParams(max_new_tokens=t.max_new_tokens, temperature=0.0, guide=guide)
+        outs = engine.generate(prompts, params) if rows else []
+        return [{**r, "messages": p + [{"role": "assistant", "content": o.text}],
+                 "meta": {**r["meta"], "label": "teacher", "served_answer": r["messages"][-1]["content"]}}
+                for r, p, o in zip(rows, prompts, outs)]
+    j = spec.eval.judge
+    if j is None:
+        raise ValueError("data.request_logs.label: 'judge' needs eval.judge (the engine that scores)")
+    from pipelines.evaluate.judge import judge
+
+    engine = get_engine(j.engine, model=j.model, url=j.url, registry=registry, api_key_env=j.api_key_env)
+    items = [("\n".join(m["content"] for m in p if m["role"] == "user"), "(no reference: judge the response itself)",
+              r["messages"][-1]["content"]) for r, p in zip(rows, prompts)]
+    verdicts = judge(engine, items, rubric=j.rubric) if rows else []
+    return [{**r, "meta": {**r["meta"], "label": "judge",
+                           "judged": {"score": v["judge"], "min": cfg.min_score,
+                                      "passed": v["judge"] is not None and v["judge"] >= cfg.min_score}}}
+            for r, v in zip(rows, verdicts)]
 
 
 def answer_lineage(registry, log_id: str, row: int) -> dict:
