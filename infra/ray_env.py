@@ -98,13 +98,11 @@ def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: b
     gcs = f"127.0.0.1:{free_port()}"
     args = ["--head", f"--port={gcs.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dir}"]
-    dashboard_url = None
-    if dashboard:
-        dash = free_port()
-        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
-        dashboard_url = f"http://127.0.0.1:{dash}"
-    else:
-        args += ["--include-dashboard=false"]
+    # Even without the dashboard, Ray starts its dashboard process on 8265 (no retries): another
+    # head on the machine may hold that port, so this one gets a free port either way.
+    dash = free_port()
+    args += [f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+    dashboard_url = f"http://127.0.0.1:{dash}" if dashboard else None
     proc = _ray_start(args, temp_dir / "ray-head.log", temp_dir, num_cpus=num_cpus, resources=resources, env=env,
                       cache_dir=cache_dir, timeout=timeout, object_store_memory=object_store_memory,
                       ready_url=dashboard_url and f"{dashboard_url}/api/version")
@@ -137,7 +135,7 @@ def start_local_worker(gcs_address: str, log_dir: str | os.PathLike, *, num_cpus
 #    session dir (always for the HTTP listen port, which the raylet is not told; for the others
 #    when they are 0) and aborts after a fixed 15 s ("Check failed ... Timed out waiting for file
 #    .../dashboard_agent_listen_port_<node>" in raylet.out, NodeManager::WaitForDashboardAgentPorts).
-#    Neither RAY_raylet_start_wait_time_s nor the agent's register timeout reaches that wait. The
+#    Setting RAY_raylet_start_wait_time_s=120 did not change that wait. The
 #    agent writes them once its imports are done: 10-15 s with two busy loops beside it, far more
 #    when nice'd under someone else's benchmark. So every agent port is chosen here and written
 #    (Ray's own persist_port) before the raylet starts: it finds them at once; the agent binds the
