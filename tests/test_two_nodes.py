@@ -6,8 +6,7 @@ node. The factory's Ray Data tasks run on both nodes. Checkpoints and artifacts 
 killing the worker node's processes mid-training (like losing the machine) and starting a fresh
 worker node lets Ray Train restart the worker group from the last checkpoint in S3. A Serve
 replica runs on the worker node. Every node is stopped by its own process group in the
-finalizer, never with `ray stop` (other Ray sessions share the machine). Part of `make
-local-test`; the whole module takes about 3-4 minutes on 2 cores.
+finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`.
 """
 
 from __future__ import annotations
@@ -246,7 +245,7 @@ def test_serve_replica_on_the_worker_node_answers(cluster, trained):
 
     from pipelines.spec import spec_from_dict
     from serving.app import deploy
-    from serving.state import read_plan
+    from pipelines.release import read_plan
     from tests.s3server import free_port
 
     ray, reg = cluster["ray"], cluster["reg"]
