@@ -49,7 +49,7 @@ setup-vllm:
 local-test:
 	$(BIN)/python -m pytest -q --durations=15 -m "not two_nodes"
 
-# Not yet verified on a loaded CI machine (see tests/test_two_nodes.py); joins local-test once it is.
+# Joins local-test (as a second pytest run) once every test in it passes: see tests/test_two_nodes.py.
 cluster-test:
 	$(BIN)/python -m pytest -q --durations=15 -m two_nodes
 

@@ -82,98 +82,150 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_local_head(temp_dir: str | os.PathLike, *, num_cpus: int, dashboard: bool, timeout: float = 90.0,
                      cache_dir: str | os.PathLike | None = None, resources: dict[str, float] | None = None,
-                     env: dict[str, str] | None = None):
-    """``ray start --head --block`` on 127.0.0.1 (free ports, files under ``temp_dir``, the local
-    auth settings of :func:`local_ray_env`) in a new session, so the head and every process it
-    starts share one process group that :func:`stop_process_group` can end without touching any
-    other Ray on the machine (``ray stop`` would kill them all).
+                     env: dict[str, str] | None = None, object_store_memory: int | None = None):
+    """``ray start --head --block`` on 127.0.0.1 (files under ``temp_dir``, the local auth settings
+    of :func:`local_ray_env`) in a new session, so the head and every process it starts share one
+    process group that :func:`stop_process_group` can end without touching any other Ray on the
+    machine (``ray stop`` would kill them all).
 
     Waits until the head is up (``ray start`` printed its startup message; with ``dashboard``, the
     Jobs API answers) and returns ``(popen, gcs_address, dashboard_url or None)``. The process
     group id is ``popen.pid``. ``resources`` are custom node resources, ``env`` extra environment
     for the node and everything it runs (e.g. the registry's credentials, as a cluster's nodes
-    have them). Raises RuntimeError (with the head's log tail) when it does not start.
+    have them). Raises RuntimeError (with the node's log tails) when it does not start.
     """
     temp_dir = Path(temp_dir).resolve()
     gcs = f"127.0.0.1:{free_port()}"
     args = ["--head", f"--port={gcs.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dir}"]
-    dashboard_url = None
-    if dashboard:
-        dash = free_port()
-        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
-        dashboard_url = f"http://127.0.0.1:{dash}"
-    else:
-        args += ["--include-dashboard=false"]
-    proc = _ray_start(args, temp_dir / "ray-head.log", num_cpus=num_cpus, resources=resources, env=env,
-                      cache_dir=cache_dir, timeout=timeout, ready_url=dashboard_url and f"{dashboard_url}/api/version")
+    # Even without the dashboard, Ray starts its dashboard process on 8265 (no retries): another
+    # head on the machine may hold that port, so this one gets a free port either way.
+    dash = free_port()
+    args += [f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+    dashboard_url = f"http://127.0.0.1:{dash}" if dashboard else None
+    proc = _ray_start(args, temp_dir / "ray-head.log", temp_dir, num_cpus=num_cpus, resources=resources, env=env,
+                      cache_dir=cache_dir, timeout=timeout, object_store_memory=object_store_memory,
+                      ready_url=dashboard_url and f"{dashboard_url}/api/version")
     return proc, gcs, dashboard_url
 
 
 def start_local_worker(gcs_address: str, log_dir: str | os.PathLike, *, num_cpus: int,
                        resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
-                       timeout: float = 90.0, cache_dir: str | os.PathLike | None = None):
+                       timeout: float = 90.0, cache_dir: str | os.PathLike | None = None,
+                       temp_dir: str | os.PathLike | None = None, object_store_memory: int | None = None):
     """A second node for a head from :func:`start_local_head`: ``ray start --address --block`` on
-    127.0.0.1 with free ports of its own, in a process group of its own, so a test can stop this
-    node alone (:func:`stop_process_group`, like losing a machine) and start another. Its logs go
-    to ``log_dir``; Ray keeps its session files in the head's temp dir. Returns the Popen once
-    ``ray start`` reports the node up."""
+    127.0.0.1, in a process group of its own, so a test can stop this node alone
+    (:func:`stop_process_group`, like losing a machine) and start another. Its ``ray start`` log
+    goes to ``log_dir``; Ray keeps its session files in the head's temp dir (``temp_dir``, named
+    so a failure can show the node's raylet and agent logs). Its workers take ports from a range
+    of their own (two raylets on one host must not hand out the same worker port). Returns the
+    Popen once ``ray start`` reports the node up (registered with the GCS)."""
+    import random
+
     log_dir = Path(log_dir).resolve()
-    args = [f"--address={gcs_address}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
-    return _ray_start(args, log_dir / f"ray-worker-{free_port()}.log", num_cpus=num_cpus, resources=resources,
-                      env=env, cache_dir=cache_dir, timeout=timeout, launcher=_JOINING_RAY_START)
+    low = random.randrange(20000, 30000 - 1000, 1000)  # below the ephemeral range free_port() draws from
+    args = [f"--address={gcs_address}", f"--min-worker-port={low}", f"--max-worker-port={low + 999}"]
+    return _ray_start(args, log_dir / f"ray-worker-{free_port()}.log", temp_dir, num_cpus=num_cpus,
+                      resources=resources, env=env, cache_dir=cache_dir, timeout=timeout,
+                      object_store_memory=object_store_memory, joining=True)
 
 
-# Local mode's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is what keeps every Ray address on loopback, but
-# the same flag makes `ray start --address` refuse to join (Ray 2.60, scripts.py), and setting it
-# to 1 turns 127.0.0.1 into the eth0 address. So a joining node runs Ray's own `ray start` with
-# only that refusal lifted: its CLI sees the flag on, the address helpers (services.py) still off.
-_JOINING_RAY_START = """
-import sys, types
+# Why nodes failed to start on a loaded 2-core machine (Ray 2.60), and what is changed:
+#  - A raylet waits in its constructor for its dashboard agent to write its ports to files in the
+#    session dir (always for the HTTP listen port, which the raylet is not told; for the others
+#    when they are 0) and aborts after a fixed 15 s ("Check failed ... Timed out waiting for file
+#    .../dashboard_agent_listen_port_<node>" in raylet.out, NodeManager::WaitForDashboardAgentPorts).
+#    Setting RAY_raylet_start_wait_time_s=120 did not change that wait. The
+#    agent writes them once its imports are done: 10-15 s with two busy loops beside it, far more
+#    when nice'd under someone else's benchmark. So every agent port is chosen here and written
+#    (Ray's own persist_port) before the raylet starts: it finds them at once; the agent binds the
+#    same ports when it gets there.
+#  - `ray start` waits a fixed 30 s for its raylet to register with the GCS (node.py), then fails
+#    "The current node timed out during startup" and kills it. services.get_node here keeps
+#    asking until CRUCIBLE_NODE_START_TIMEOUT, and gives up at once when the raylet has exited.
+#  - Joining: local mode's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is what keeps every Ray address on
+#    loopback, but the same flag makes `ray start --address` refuse to join, and setting it to 1
+#    turns 127.0.0.1 into the eth0 address; for a joining node (CRUCIBLE_JOINING_NODE) the CLI
+#    alone sees the flag on, the address helpers still see it off.
+_RAY_START = """
+import os, sys, time, types
 import ray._private.ray_constants as constants
+import ray._private.services as services
 import ray.scripts.scripts as scripts
-view = types.ModuleType(constants.__name__)
-view.__dict__.update(vars(constants))
-view.ENABLE_RAY_CLUSTER = True
-scripts.ray_constants = view
+if os.environ.pop("CRUCIBLE_JOINING_NODE", None):
+    view = types.ModuleType(constants.__name__)
+    view.__dict__.update(vars(constants))
+    view.ENABLE_RAY_CLUSTER = True
+    scripts.ray_constants = view
+import psutil
+patience = float(os.environ.pop("CRUCIBLE_NODE_START_TIMEOUT"))
+ask = services.get_node
+def raylet_alive():
+    return any(p.name() == "raylet" and p.status() != psutil.STATUS_ZOMBIE
+               for p in psutil.Process().children(recursive=True))
+def get_node(gcs_address, node_id):
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return ask(gcs_address, node_id)
+        except RuntimeError:
+            if time.monotonic() > deadline or not raylet_alive():
+                raise
+            time.sleep(0.5)
+services.get_node = get_node
+import inspect
+from ray._raylet import persist_port
+start_raylet = services.start_raylet
+def start_raylet_with_ports(*args, **kwargs):
+    a = inspect.signature(start_raylet).bind(*args, **kwargs).arguments
+    for name in ("dashboard_agent_listen", "metrics_agent", "metrics_export", "runtime_env_agent"):
+        if a.get(name + "_port"):
+            persist_port(a["session_dir"], a["node_id"], name + "_port", int(a[name + "_port"]))
+    return start_raylet(*args, **kwargs)
+services.start_raylet = start_raylet_with_ports
 sys.argv[0] = "ray"
 sys.exit(scripts.main())
 """
 
 
-def _ray_start(args: list[str], log_path: Path, *, num_cpus: int, resources, env, cache_dir, timeout: float,
-               ready_url: str | None = None, launcher: str | None = None):
-    """Run ``ray start ARGS --block`` in a new session, logging to ``log_path``; wait until it is up."""
+def _ray_start(args: list[str], log_path: Path, session_root, *, num_cpus: int, resources, env, cache_dir,
+               timeout: float, object_store_memory: int | None = None, ready_url: str | None = None,
+               joining: bool = False):
+    """Run ``ray start ARGS --block`` in a new session, logging to ``log_path``; wait until it is up.
+
+    Each node gets agent ports of its own (two raylets on one host must not share one; the
+    dashboard agent's HTTP port defaults to a fixed 52365), chosen here so that the raylet need
+    not wait for its agents to report them (see above)."""
     import json
     import subprocess
     import time
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    # On a loaded machine `ray start` gave up on its raylet after the default 60 s ("The current node
-    # timed out during startup"); it may wait as long as we do.
-    patience = {"RAY_raylet_start_wait_time_s": str(int(timeout))}
-    full_env = {**patience, **os.environ, **local_ray_env(cache_dir), **(env or {}),
-                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    ray_cli = [sys.executable, "-c", launcher] if launcher else [str(bin_dir / "ray")]
-    args = [*ray_cli, "start", *args, "--block", "--node-ip-address=127.0.0.1",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--num-cpus={num_cpus}", "--disable-usage-stats",
+    full_env = {**os.environ, **local_ray_env(cache_dir), **(env or {}),
+                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+                "CRUCIBLE_NODE_START_TIMEOUT": str(timeout)}
+    if joining:
+        full_env["CRUCIBLE_JOINING_NODE"] = "1"
+    argv = [sys.executable, "-c", _RAY_START, "start", *args, "--block", "--node-ip-address=127.0.0.1",
+            *_agent_ports(), f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            *([f"--object-store-memory={object_store_memory}"] if object_store_memory else []),
             *([f"--resources={json.dumps(resources)}"] if resources else [])]
     with open(log_path, "ab") as log_file:
         start = log_file.tell()
-        proc = subprocess.Popen(args, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.time()
 
-    def tail() -> str:
-        return log_path.read_bytes()[start:].decode(errors="replace")[-3000:]
+    def said() -> str:
+        return log_path.read_bytes()[start:].decode(errors="replace")
 
-    deadline = time.time() + timeout
+    deadline = started + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {proc.returncode}:\n{tail()}")
-            ready = "Ray runtime started" in log_path.read_bytes()[start:].decode(errors="replace")
+                raise RuntimeError(f"ray start exited {proc.returncode} after {time.time() - started:.0f} s"
+                                   f"{node_logs(log_path, start, session_root, started)}")
+            ready = "Ray runtime started" in said()
             if ready and ready_url:
                 import httpx
 
@@ -184,11 +236,31 @@ def _ray_start(args: list[str], log_path: Path, *, num_cpus: int, resources, env
             if ready:
                 return proc
             if time.time() > deadline:
-                raise RuntimeError(f"the Ray node was not up after {timeout:g} s:\n{tail()}")
+                raise RuntimeError(f"the Ray node was not up after {timeout:g} s"
+                                   f"{node_logs(log_path, start, session_root, started)}")
             time.sleep(0.3)
     except BaseException:
         stop_process_group(proc.pid, proc)
         raise
+
+
+def _agent_ports() -> list[str]:
+    return [f"--{name}-port={free_port()}" for name in ("dashboard-agent-grpc", "dashboard-agent-listen",
+                                                        "metrics-export", "runtime-env-agent")]
+
+
+def node_logs(log_path: Path, offset: int, session_root, since: float, chars: int = 1500) -> str:
+    """The tails of what a starting node wrote: its ``ray start`` output and, from the session's
+    logs, the raylet and agent logs changed since it started (a failed node's reason is there)."""
+    parts = [f"\n--- {log_path} ---\n{log_path.read_bytes()[offset:].decode(errors='replace')[-chars:]}"]
+    logs = Path(session_root or "/nonexistent") / "session_latest" / "logs"
+    if logs.is_dir():
+        for pattern in ("raylet*.out", "raylet*.err", "dashboard_agent*.log", "dashboard_agent*.err",
+                        "runtime_env_agent*.log", "runtime_env_agent*.err"):
+            fresh = [f for f in logs.glob(pattern) if f.stat().st_mtime >= since - 1 and f.stat().st_size]
+            for f in sorted(fresh, key=lambda f: f.stat().st_mtime)[-1:]:
+                parts.append(f"\n--- {f} ---\n{f.read_bytes().decode(errors='replace')[-chars:]}")
+    return "".join(parts)
 
 
 def _proc_table() -> dict[int, tuple[int, int, str]]:

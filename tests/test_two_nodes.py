@@ -2,16 +2,19 @@
 with 1 CPU and a custom resource naming it, and an S3 registry (SeaweedFS) as on a real cluster.
 
 With 1 CPU per node and 1 CPU per training worker, a 2-worker run must put one worker on each
-node. Checkpoints and artifacts go through S3: killing the worker node's processes mid-training
-(like losing the machine) and starting a fresh worker node lets Ray Train restart the worker group
-from the last checkpoint in S3. Every node is stopped by its own process group in the finalizer,
-never with `ray stop` (other Ray sessions share the machine).
+node. The factory's Ray Data tasks run on both nodes. Checkpoints and artifacts go through S3:
+killing the worker node's processes mid-training (like losing the machine) and starting a fresh
+worker node lets Ray Train restart the worker group from the last checkpoint in S3. A Serve
+replica runs on the worker node. Every node is stopped by its own process group in the
+finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import signal
 import threading
 import time
 from pathlib import Path
@@ -24,6 +27,8 @@ from tests.test_train_ray import _rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_nodes]
 TASK = "adder"
+STEPS = 10
+OBJECT_STORE = 200 * 1024 * 1024  # per node; Ray's default (30% of RAM each) is not needed here
 
 
 def _alive_nodes(ray) -> dict[str, dict]:
@@ -60,15 +65,20 @@ def cluster(tmp_path_factory, s3_server):
     if ray.is_initialized():  # another module's local Ray: this module drives the cluster instead
         ray.shutdown()
     procs = []
+
+    def interrupted(signum, frame):  # `timeout`/CI stopping pytest: still stop the nodes in the finally
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         head, gcs, _ = start_local_head(root / "ray", num_cpus=1, dashboard=False, resources={"head_node": 1},
-                                        env=creds, timeout=240)
+                                        env=creds, timeout=240, object_store_memory=OBJECT_STORE)
         procs.append(head)
 
         def start_worker():
             before = set(_alive_nodes(ray))
             proc = start_local_worker(gcs, root / "logs", num_cpus=1, resources={"worker_node": 1}, env=creds,
-                                      timeout=240)
+                                      timeout=240, temp_dir=root / "ray", object_store_memory=OBJECT_STORE)
             procs.append(proc)
             new = _wait(lambda: set(_alive_nodes(ray)) - before, "the worker node to join")
             return proc, new.pop()
@@ -85,16 +95,22 @@ def cluster(tmp_path_factory, s3_server):
         for proc in reversed(procs):
             stop_process_group(proc.pid, proc)
         mp.undo()
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def trained(cluster, tiny_model):
-    """The base model and a dataset in the S3 registry, and a reference 2-worker run across nodes."""
+def base(cluster, tiny_model) -> str:
+    """The base model in the S3 registry: the nodes read it from there, not from a local path."""
+    return cluster["reg"].add_directory("model", TASK, tiny_model).id
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, base):
+    """A dataset in the S3 registry and a reference (unbroken) 2-worker run across the nodes."""
     from pipelines.train import run
 
     reg = cluster["reg"]
-    base = reg.add_directory("model", TASK, tiny_model).id  # the nodes read the base from S3, not a local path
     dataset = reg.create("dataset", TASK, files={"train.jsonl": _rows(64), "dev.jsonl": _rows(16, 1000)}).id
     result = run(_spec(base), reg, dataset)
     return {"base": base, "dataset": dataset, "result": result}
@@ -103,7 +119,7 @@ def trained(cluster, tiny_model):
 def _spec(base: str, **train):
     from pipelines.spec import spec_from_dict
 
-    t = {"workers": 2, "cpus_per_worker": 1, "threads_per_worker": 1, "max_steps": 12, "micro_batch_size": 4,
+    t = {"workers": 2, "cpus_per_worker": 1, "threads_per_worker": 1, "max_steps": STEPS, "micro_batch_size": 4,
          "lr": 3e-2, "scheduler": "constant", "warmup_ratio": 0.0, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
          "seed": 0, **train}
     return spec_from_dict({"task": TASK, "model": {"base": base, "max_seq_len": 64}, "train": t})
@@ -127,19 +143,69 @@ def _train_workers(ray) -> list[dict]:
     return _actors("RayTrainWorker")
 
 
+def _task_nodes(*names: str) -> dict[str, set[str]]:
+    """{task name: node ids it ran on} for the tasks whose name holds one of ``names``, from the
+    GCS's task events (no dashboard needed)."""
+    from ray._private.state import state
+
+    found: dict[str, set[str]] = {}
+    for e in state._get_all_task_events():
+        name = e.task_info.name or e.task_info.func_or_class_name
+        node = e.state_updates.node_id.hex() or e.task_info.node_id.hex()
+        if node and any(n in name for n in names):
+            found.setdefault(name, set()).add(node)
+    return found
+
+
 def test_two_worker_training_puts_one_worker_on_each_node(cluster, trained):
     ray = cluster["ray"]
     nodes = {a["node_id"] for a in _train_workers(ray)}
     assert nodes == {cluster["head"], cluster["worker"]}  # 1 CPU per node, 1 per worker: one each
     hist = json.loads(cluster["reg"].read_file(trained["result"]["run"].id, "metrics.json"))["history"]
-    assert [h["step"] for h in hist] == list(range(1, 13)) and hist[-1]["loss"] < hist[0]["loss"]
+    assert [h["step"] for h in hist] == list(range(1, STEPS + 1)) and hist[-1]["loss"] < hist[0]["loss"]
     keys = _keys(cluster["reg"])
     assert any("ray-train/" in k and "checkpoint_" in k for k in keys)  # Ray Train's checkpoints went to S3
 
 
+def test_factory_runs_its_tasks_on_both_nodes(cluster, base, tmp_path):
+    """Four raw files (one shard each) through the factory: the read and gate tasks spread over
+    both nodes, every row is accounted for, and the dataset lands in the S3 registry."""
+    from pipelines.factory import build
+    from pipelines.spec import spec_from_dict
+
+    files = []
+    for f in range(4):
+        lines = [json.dumps({"id": f"{f}-{i}", "messages": [{"role": "user", "content": f"add {f * 1000 + i} {i * 7}"},
+                                                            {"role": "assistant", "content": str(f * 1000 + i * 8)}]})
+                 for i in range(150)]
+        lines.insert(5, "{not json")  # one malformed row per file: rejected with its reason, not lost
+        path = tmp_path / f"part-{f}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        files.append(str(path))
+    spec = spec_from_dict({"task": TASK, "model": {"base": base, "max_seq_len": 64},
+                           "data": {"train": files, "dedupe": {"near": False}}})
+    manifest, summary = build(spec, cluster["reg"], progress=False)
+    assert summary["input_rows"] == 4 * 151
+    assert summary["rejected"].get("malformed:bad_json") == 4
+    assert summary["input_rows"] == sum(summary["accepted"].values()) + sum(summary["rejected"].values())
+    assert {"train.jsonl", "rejected.jsonl", "stats.json"} <= set(cluster["reg"].get(manifest.id).files)
+    names = {cluster["head"]: "head", cluster["worker"]: "worker"}
+
+    def where() -> dict[str, list[str]]:  # {task name: the nodes it ran on}
+        return {task: sorted(names.get(n, n) for n in nodes) for task, nodes in _task_nodes("read_shard", "gate_batch").items()}
+
+    deadline = time.time() + 60  # each worker sends its task events to the GCS about once a second
+    ran = where()
+    while set().union(*ran.values()) != {"head", "worker"} and time.time() < deadline:
+        time.sleep(0.5)
+        ran = where()
+    assert set().union(*ran.values()) == {"head", "worker"}, ran
+
+
 def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, trained, capfd):
-    """The worker node's processes are killed once a checkpoint is in S3; a fresh node joins; the
-    run restarts its worker group from that checkpoint and its loss curve matches the unbroken run."""
+    """The worker node's processes are killed (SIGKILL, like a lost machine) as soon as a checkpoint
+    of the run is in S3; a fresh node joins; the run restarts its worker group from that checkpoint
+    and its loss curve matches the unbroken run's."""
     from pipelines.train import run
 
     ray, reg = cluster["ray"], cluster["reg"]
@@ -150,27 +216,28 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, traine
     def kill_after_first_checkpoint():
         try:
             _wait(lambda: {k for k in _keys(reg) if "checkpoint_" in k and k.endswith("state.json")}
-                  - seen_ckpts, "a checkpoint of the new run in S3", timeout=300)
+                  - seen_ckpts, "a checkpoint of the new run in S3", timeout=300, every=0.1)
             proc = cluster["worker_proc"]
-            killed["at"] = time.time()
-            killed["stopped"] = stop_process_group(proc.pid, proc, grace=2)
+            killed["stopped"] = stop_process_group(proc.pid, proc, grace=0)  # SIGKILL at once
             killed["proc"], killed["node"] = cluster["start_worker"]()
         except BaseException as e:  # reported by the test, not lost in the thread
             killed["error"] = e
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = run(_spec(trained["base"], save_every=3, max_failures=2), reg, trained["dataset"])
+    result = run(_spec(trained["base"], save_every=2, max_failures=2), reg, trained["dataset"])
     watcher.join(timeout=300)
     assert "error" not in killed, killed.get("error")
     assert killed.get("stopped") and killed["node"] != cluster["worker"]
     cluster["worker_proc"], cluster["worker"] = killed["proc"], killed["node"]
     restarted = [a for a in _train_workers(ray) if a["actor_id"] not in before]
     assert {a["node_id"] for a in restarted} >= {cluster["head"], killed["node"]}  # a new group, on the new node
-    assert "resumed from step" in capfd.readouterr().out + capfd.readouterr().err
+    out = capfd.readouterr()
+    resumed = [int(m) for m in re.findall(r"resumed from step (\d+)", out.out + out.err)]
+    assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed  # from a checkpoint, not from scratch
     got = json.loads(reg.read_file(result["run"].id, "metrics.json"))["history"]
     want = json.loads(reg.read_file(trained["result"]["run"].id, "metrics.json"))["history"]
-    assert [h["step"] for h in got] == list(range(1, 13))  # the curve continues from the checkpoint
+    assert [h["step"] for h in got] == list(range(1, STEPS + 1))  # the curve continues from the checkpoint
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-3, abs=1e-4)
 
 
@@ -180,7 +247,7 @@ def test_serve_replica_on_the_worker_node_answers(cluster, trained):
 
     from pipelines.spec import spec_from_dict
     from serving.app import deploy
-    from serving.state import read_plan
+    from pipelines.release import read_plan
     from tests.s3server import free_port
 
     ray, reg = cluster["ray"], cluster["reg"]
