@@ -246,3 +246,68 @@ def test_run_does_one_repair_round(ray_local, triage, tiny_model, tmp_path):
     assert code == 0 and all(again["steps"][k]["ref"] == steps[k]["ref"] for k in steps)
     assert all(again["steps"][k]["reused"] for k in steps)
     assert again["repair"][0]["report"] == round1["report"]  # the same report, not registered twice
+
+
+class RuleBasedTeacherFake:
+    """Stands in for a cloud teacher model (none is reachable here), served over real HTTP by
+    tests/openai_server.py: it rewrites the message the prompt quotes by a fixed rule, answers
+    nothing to every 5th request and an unrelated sentence to every 7th, so both drop reasons occur."""
+
+    name = "rule-based-teacher-fake"
+
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def generate(self, chats, params):
+        from pipelines.engines import Completion
+
+        out = []
+        for chat in chats:
+            prompt = chat[-1]["content"]
+            self.prompts.append(prompt)
+            k = len(self.prompts)
+            message = prompt.rsplit("Message: ", 1)[1].strip()
+            text = "" if k % 5 == 0 else "I would like a pizza with olives." if k % 7 == 0 else \
+                f'"hi team, {message.lower()} thanks!!"'
+            out.append(Completion(text=text, prompt_tokens=len(prompt.split()), completion_tokens=len(text.split())))
+        return out
+
+
+def test_repair_with_a_teacher_adds_rewrites_through_the_gates(ray_local, triage, tiny_model, tmp_path):
+    from infra.registry import Registry
+    from pipelines import evaluate
+    from pipelines.factory import build
+    from pipelines.factory.repair import repair
+    from pipelines.spec import spec_from_dict
+    from tests.openai_server import serve
+
+    teacher = RuleBasedTeacherFake()
+    with serve(teacher) as (url, state):
+        uri = f"file://{tmp_path / 'registry'}"
+        d = spec_dict(triage, tiny_model, uri)
+        d["data"]["teacher"] = {"engine": "http", "url": url, "model": "teacher", "temperature": 0.0}
+        spec = spec_from_dict(d)
+        reg = Registry.open(uri)
+        dataset, _ = build(spec, reg, progress=False)
+        ev = evaluate.run(spec, reg, str(tiny_model), dataset=dataset.id, progress=False, log=lambda m: None)
+        manifest, report = repair(spec, reg, ev.id, per_cluster=10, clusters=2)
+    repaired = [c["cluster"] for c in report["clusters"] if c["repaired"]]
+    assert len(repaired) == 2 and state["requests"] == len(teacher.prompts) == 2 * 10
+    assert report["settings"]["teacher"] is True
+    dropped = report["teacher_dropped"]
+    assert dropped["teacher_empty"] == 4 and dropped["teacher_drift"] == 2  # requests 5,10,15,20 and 7,14
+    folder = reg.materialize(manifest.id)
+    made = [r for r in _jsonl(folder / "repair" / "rows.jsonl") if r["meta"]["repair"]["perturbation"] == "teacher"]
+    assert len(made) == 20 - 4 - 2
+    parent_train = {r["id"]: r for r in _jsonl(reg.materialize(dataset.id) / "train.jsonl")}
+    accepted = {r["id"]: r for r in _jsonl(folder / "train.jsonl")}
+    rejected = {r["id"] for r in _jsonl(folder / "rejected.jsonl")}
+    for r in made:
+        origin = parent_train[r["meta"]["repair"]["origin"]]  # a rewrite of an accepted training row
+        assert r["messages"][-1] == origin["messages"][-1]  # its answer unchanged
+        text = r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else r["messages"][1]["content"]
+        assert text.startswith("hi team, ") and text.endswith(" thanks!!")  # the teacher's text, quotes stripped
+        assert r["meta"]["repair"]["cluster"] in repaired
+        assert (r["id"] in accepted) != (r["id"] in rejected)  # through the factory's gates: accepted or rejected
+    # the teacher saw training messages only, in the repaired clusters' styles
+    assert all("Keep its meaning exactly" in p for p in teacher.prompts)
