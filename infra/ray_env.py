@@ -36,6 +36,9 @@ def local_ray_env(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
         # the state API and warns about it every second of a run; the driver skips that one line.
         "RAY_DEDUP_LOGS_SKIP_REGEX": os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX",
                                                     "Failed to query Ray Train Controller actor state"),
+        # Serve kills a proxy that is not ready after 3 checks of 5 s; on a loaded 2-core machine its
+        # worker (at Ray's nice 15) can take longer than that to start, and serve.start() then fails
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30"),
     }
 
 
