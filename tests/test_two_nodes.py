@@ -6,7 +6,7 @@ node. The factory's Ray Data tasks run on the worker node while its driver runs 
 killing the worker node's processes mid-training (like losing the machine) and starting a fresh
 worker node lets Ray Train restart the worker group from the last checkpoint in S3. A Serve
 replica runs on the worker node. Every node is stopped by its own process group in the
-finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test` (also run by `make local-test`).
+finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`.
 """
 
 from __future__ import annotations
