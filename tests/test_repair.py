@@ -277,7 +277,7 @@ def test_repair_with_a_teacher_adds_rewrites_through_the_gates(ray_local, triage
     from infra.registry import Registry
     from pipelines import evaluate
     from pipelines.factory import build
-    from pipelines.factory.repair import repair
+    from pipelines.factory.repair import repair, user_text
     from pipelines.spec import spec_from_dict
     from tests.openai_server import serve
 
@@ -300,14 +300,16 @@ def test_repair_with_a_teacher_adds_rewrites_through_the_gates(ray_local, triage
     made = [r for r in _jsonl(folder / "repair" / "rows.jsonl") if r["meta"]["repair"]["perturbation"] == "teacher"]
     assert len(made) == 20 - 4 - 2
     parent_train = {r["id"]: r for r in _jsonl(reg.materialize(dataset.id) / "train.jsonl")}
-    accepted = {r["id"]: r for r in _jsonl(folder / "train.jsonl")}
+    accepted = {r["id"] for r in _jsonl(folder / "train.jsonl")}
     rejected = {r["id"] for r in _jsonl(folder / "rejected.jsonl")}
     for r in made:
         origin = parent_train[r["meta"]["repair"]["origin"]]  # a rewrite of an accepted training row
         assert r["messages"][-1] == origin["messages"][-1]  # its answer unchanged
-        text = r["messages"][0]["content"] if r["messages"][0]["role"] == "user" else r["messages"][1]["content"]
+        text = user_text(r)
         assert text.startswith("hi team, ") and text.endswith(" thanks!!")  # the teacher's text, quotes stripped
         assert r["meta"]["repair"]["cluster"] in repaired
         assert (r["id"] in accepted) != (r["id"] in rejected)  # through the factory's gates: accepted or rejected
-    # the teacher saw training messages only, in the repaired clusters' styles
-    assert all("Keep its meaning exactly" in p for p in teacher.prompts)
+    # the teacher was asked to rewrite accepted training messages only, never eval rows
+    train_texts = {user_text(r) for r in parent_train.values()}
+    assert all("Keep its meaning exactly" in p and p.rsplit("Message: ", 1)[1].strip() in train_texts
+               for p in teacher.prompts)

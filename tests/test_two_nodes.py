@@ -2,8 +2,8 @@
 with 1 CPU and a custom resource naming it, and an S3 registry (SeaweedFS) as on a real cluster.
 
 With 1 CPU per node and 1 CPU per training worker, a 2-worker run must put one worker on each
-node. The factory's Ray Data tasks run on the worker node while its driver runs on the head. Checkpoints and artifacts go through S3:
-killing the worker node's processes mid-training (like losing the machine) and starting a fresh
+node. The factory's Ray Data tasks run on the worker node while its driver runs on the head.
+Checkpoints and artifacts go through S3: killing the worker node's processes mid-training (like losing the machine) and starting a fresh
 worker node lets Ray Train restart the worker group from the last checkpoint in S3. A Serve
 replica runs on the worker node. Every node is stopped by its own process group in the
 finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`.
