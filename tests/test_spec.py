@@ -211,8 +211,8 @@ MEASURED_DEMO_OVERRIDES = [
     "train.lr=1.0e-3", "train.lora.r=16", "eval.limit=40", "eval.max_new_tokens=48", "eval.batch_size=20",
     "eval.bootstrap=500", "deploy.min_requests=40", "deploy.max_p95_ratio=3.0"]
 # Added to the cpu profile after that measurement (issue 13): one repair round in `crucible run`.
-REPAIR_ROUND = ["loop.repair.rounds=1", "loop.repair.clusters=3", "loop.repair.per_cluster=300",
-                "loop.repair.retrain=continue", "loop.repair.max_steps=50"]
+REPAIR_ROUND = ["loop.repair.rounds=1", "loop.repair.clusters=3", "loop.repair.per_cluster=400",
+                "loop.repair.retrain=continue", "loop.repair.max_steps=100"]
 
 
 def test_example_spec_default_is_the_measured_cpu_profile_and_gpu_is_a_profile():
