@@ -12,7 +12,7 @@ VLLM_VENV ?= .venv-vllm
 
 help:
 	@echo "make setup       create $(VENV): torch 2.13.0 CPU first, then crucible with the pinned stack"
-	@echo "make local-test  run the whole test suite (real local Ray, real S3 server, tiny models)"
+	@echo "make local-test  run the whole test suite (real local Ray, real S3 server, tiny models), then cluster-test"
 	@echo "make cluster-test  two Ray nodes on 127.0.0.1 (head + worker, S3 registry): placement, node loss, Serve"
 	@echo "make test-fast   the suite without tests marked slow"
 	@echo "make demo        support triage end to end on SmolLM2-135M: data, LoRA, eval, gate, canary, promote"
@@ -46,10 +46,12 @@ setup-vllm:
 	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__)"
 
 # pytest exits 5 when it collects nothing; that fails the target (and CI) on purpose.
+# Two runs: the cluster tests start their own two Ray nodes, so they run after (not beside) the
+# session-wide local Ray of the first.
 local-test:
 	$(BIN)/python -m pytest -q --durations=15 -m "not two_nodes"
+	$(MAKE) cluster-test
 
-# Joins local-test (as a second pytest run) once every test in it passes: see tests/test_two_nodes.py.
 cluster-test:
 	$(BIN)/python -m pytest -q --durations=15 -m two_nodes
 

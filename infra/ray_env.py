@@ -317,7 +317,10 @@ def stop_process_group(pgid: int, proc=None, *, grace: float = 10.0) -> bool:
     import time
 
     seen: set[int] = set()  # kept across rounds: a worker orphaned by its raylet loses its parent link
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # grace 0 is a lost machine: SIGKILL at once. After SIGKILL only the kernel's teardown is left to
+    # wait for (without that wait a just-killed process still counts as alive and we report failure).
+    for sig in (signal.SIGKILL,) if grace <= 0 else (signal.SIGTERM, signal.SIGKILL):
+        wait = grace if sig == signal.SIGTERM else 10.0
         seen.update(process_group_members(pgid))
         targets = _alive(sorted(seen))
         if not targets:
@@ -333,7 +336,7 @@ def stop_process_group(pgid: int, proc=None, *, grace: float = 10.0) -> bool:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        deadline = time.time() + grace
+        deadline = time.time() + wait
         while time.time() < deadline:
             if proc is not None:
                 proc.poll()

@@ -6,7 +6,8 @@ node. The factory's Ray Data tasks run on the worker node while its driver runs 
 Checkpoints and artifacts go through S3: killing the worker node's processes mid-training (like losing the machine) and starting a fresh
 worker node lets Ray Train restart the worker group from the last checkpoint in S3. A Serve
 replica runs on the worker node. Every node is stopped by its own process group in the
-finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`.
+finalizer, never with `ray stop` (other Ray sessions share the machine). `make cluster-test`, and
+`make local-test` after the rest of the suite.
 """
 
 from __future__ import annotations
@@ -246,8 +247,11 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, traine
     result = run(_spec(trained["base"], save_every=2, max_failures=2), reg, trained["dataset"])
     watcher.join(timeout=300)
     assert "error" not in killed, killed.get("error")
-    assert killed.get("stopped") and killed["node"] != cluster["worker"]
+    lost = cluster["worker"]
+    # the module's state first, so a failed assertion below does not mislead the tests after it
     cluster["worker_proc"], cluster["worker"] = killed["proc"], killed["node"]
+    assert killed["stopped"], "the worker node's processes were still alive after SIGKILL"
+    assert killed["node"] != lost
     restarted = [a for a in _train_workers(ray) if a["actor_id"] not in before]
     assert {a["node_id"] for a in restarted} >= {cluster["head"], killed["node"]}  # a new group, on the new node
     out = capfd.readouterr()
