@@ -108,6 +108,7 @@ def test_resume_a_run_continues_the_step_count(ray_local, reg, dataset, tiny_mod
     assert short["summary"]["steps"] == 6
     resumed = run(_spec(tiny_model), reg, dataset, resume_run=short["run"].id)
     assert resumed["run"].inputs["parent_run"] == short["run"].id
+    assert short["summary"]["resumed_at_steps"] == [] and resumed["summary"]["resumed_at_steps"] == [6]
     hist = json.loads(reg.read_file(resumed["run"].id, "metrics.json"))["history"]
     assert [h["step"] for h in hist] == list(range(1, 13))
     want = [h["loss"] for h in json.loads(reg.read_file(lora_run["run"].id, "metrics.json"))["history"]]
@@ -139,6 +140,8 @@ def test_killed_deepspeed_worker_resumes_with_its_adam_moments(ray_local, reg, d
     whole = run(spec, reg, dataset)
     result = run(spec, reg, dataset, max_failures=1, fault={"step": 7, "marker": str(tmp_path / "killed")})
     assert (tmp_path / "killed").exists()
+    (step,) = result["summary"]["resumed_at_steps"]  # one restart, from a checkpoint before the step-7 fault
+    assert step in (3, 6)  # 6 unless the fault beat Ray Train to registering that checkpoint
     assert {"checkpoint/zero-optimizer-rank0.safetensors", "checkpoint/zero-optimizer-rank1.safetensors"} \
         <= set(result["run"].files)
     got = [h["loss"] for h in json.loads(reg.read_file(result["run"].id, "metrics.json"))["history"]]

@@ -156,6 +156,7 @@ def _register(spec, registry, folder: Path, pre: dict, parent, name: str, wall: 
         "best_dev_loss": state.get("best_dev"),
         "steps": state["step"], "total_steps": state.get("total_steps"),
         "stopped_early": state["stopped_early"], "restored_best_step": state.get("restored_best_step"),
+        "resumed_at_steps": state.get("resumed_at_steps", []),
         "final_dev_loss": state.get("final_dev_loss", dev[-1]["loss"] if dev else None),
         "tokens_per_s": state["real_tokens"] / max(state["train_seconds"], 1e-9),
         "real_token_share": state["real_tokens"] / max(state["total_tokens"], 1),

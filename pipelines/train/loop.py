@@ -271,6 +271,9 @@ def train_loop(config: dict) -> None:
         tensors, opt_state, state = ckpt.load(resume_dir)
         ckpt.restore_parameters(named, tensors)
         state.setdefault("model_flops", 0.0)
+        # kept in the state (and so in every later checkpoint): the run's manifest says where it
+        # restarted, once per restart or --resume
+        state["resumed_at_steps"] = [*state.get("resumed_at_steps", []), state["step"]]
         log(f"resumed from step {state['step']} ({resume_dir})")
     state.update(precision=precision, **probe)
 
