@@ -311,7 +311,7 @@ def process_group_members(pgid: int) -> list[int]:
 def stop_process_group(pgid: int, proc=None, *, grace: float = 3.0) -> bool:
     """End a head from :func:`start_local_head`: its process group ``pgid`` and every process it
     started (workers sit in groups of their own): SIGTERM, then SIGKILL for whatever is left after
-    ``grace`` seconds. ``proc`` (its Popen, when it is our child) is reaped. Never ``ray stop``.
+    ``grace`` seconds (``grace=0``: SIGKILL at once, like a lost machine). ``proc`` (its Popen, when it is our child) is reaped. Never ``ray stop``.
     Returns True when nothing of it is left. The grace is short on purpose: the GCS server, the
     autoscaler monitor and ``ray start --block`` itself outlive a SIGTERM by more than 12 s (measured),
     and a local head holds nothing that needs a slow shutdown (Serve apps are drained before, and

@@ -256,8 +256,7 @@ def test_losing_the_worker_node_resumes_from_the_last_checkpoint(cluster, traine
     assert killed["node"] != lost
     restarted = [a for a in _train_workers(ray) if a["actor_id"] not in before]
     assert {a["node_id"] for a in restarted} >= {cluster["head"], killed["node"]}  # a new group, on the new node
-    # from a checkpoint, once, not from scratch: the run's own record (the workers' log lines reach
-    # the driver asynchronously, from whichever node rank 0 restarted on, so they are no evidence)
+    # from a checkpoint, once, not from scratch: the run's own record, not forwarded worker log lines
     resumed = result["summary"]["resumed_at_steps"]
     assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed
     got = json.loads(reg.read_file(result["run"].id, "metrics.json"))["history"]
