@@ -174,9 +174,7 @@ def _retire(spec, result: dict) -> str | None:
     if not name:
         return None
     live = _admin(spec, "GET", "/admin/status") or {}
-    from serving.app import app_name
-
-    if name in {app_name(spec.task, ref) for ref in (live.get("models") or {}).values() if ref}:
+    if name in (live.get("apps") or {}).values():  # it still serves a routed model (multi-LoRA)
         return None
     if _connect(spec.task, start=False) is None:
         return None

@@ -10,6 +10,7 @@ router's FastAPI app.
 
 import asyncio
 import json
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse
 from serving.errors import APIError, bad_request
 from serving.replica import app_name
 
+log = logging.getLogger(__name__)
 routes = APIRouter(prefix="/admin")
 
 
@@ -35,7 +37,7 @@ class AdminRoutes:
             self.stats["canary"].reset()
             event = await asyncio.to_thread(release.rollback, self._registry(), self.task, reasons=reasons,
                                             automatic=automatic, live=True, canary_stats=summary)
-            return {**event, "retired_app": app_name(self.task, canary)}
+            return {**event, "retired_app": self._unused_app(canary)}
 
     async def _promote(self, reasons: list[str], automatic: bool) -> dict:
         from pipelines import release
@@ -49,7 +51,7 @@ class AdminRoutes:
             self.stats["canary"].reset()
             event = await asyncio.to_thread(release.promote, self._registry(), self.task, reasons=reasons,
                                             automatic=automatic, live=True)
-            return {**event, "retired_app": app_name(self.task, old)}
+            return {**event, "retired_app": self._unused_app(old)}
 
     # -- plumbing -------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -92,6 +94,7 @@ class AdminRoutes:
     def status(self) -> dict:
         decision = self._decision()
         return {"task": self.task, "models": self.models, "canary_weight": self.weight,
+                "apps": {m: self._app(m) for m in self.models.values() if m},
                 "live": {r: s.summary() for r, s in self.stats.items()}, "shadow_mirror": self.mirror.stats(),
                 "in_flight": self.in_flight, "rejected_overload": self.rejected,
                 "decision": decision.to_dict() if decision else None,
@@ -152,11 +155,16 @@ class AdminRoutes:
                 ref = await asyncio.to_thread(lambda: self._registry().get(str(body.get("model"))).id)
             except Exception as e:  # noqa: BLE001 - RefError and the like: the caller's input
                 raise bad_request(str(e), "model") from None
-            name = app_name(self.task, ref)
-            if name not in await asyncio.to_thread(running_apps):
+            shared = await self._share(ref)
+            name = self._app(shared) if shared else app_name(self.task, ref)
+            if not shared and name not in await asyncio.to_thread(running_apps):
                 # a new model's app starts beside the running ones; traffic moves only once it is up
                 await asyncio.to_thread(deploy_model, self.spec, ref, self.registry_uri)
             async with self.admin_lock:
+                if shared:
+                    self.hosts[ref] = self.hosts.get(shared, shared)
+                else:
+                    self.hosts.pop(ref, None)
                 self.stats[role].reset()
                 self.models[role] = ref
                 if role == "canary":
@@ -164,8 +172,23 @@ class AdminRoutes:
                 event = await asyncio.to_thread(release.deploy, self._registry(), self.task, ref, role,
                                                 self.weight if role == "canary" else None, live=True,
                                                 current_weight=self.weight)
-            return {**event, "app": name}
+            return {**event, "app": name, **({"served_beside": shared} if shared else {})}
         return await self._admin(request, action)
+
+    async def _share(self, ref: str) -> str | None:
+        """Production's ref when its replica now serves ``ref`` too (an adapter of the same base,
+        loaded into its running vLLM server), else None: ``ref`` gets an app of its own."""
+        prod = self.models["production"]
+        if not (self.cfg.share_base and prod and ref != prod):
+            return None
+        try:
+            answer = await self._handle(prod).host.remote(ref)
+        except Exception as e:  # noqa: BLE001 - an HF replica has no `host`: the canary gets its own app
+            log.info("%s not served beside %s: %s", ref, prod, e)
+            return None
+        if not answer.get("hosted"):
+            log.info("%s not served beside %s: %s", ref, prod, answer.get("reason"))
+        return prod if answer.get("hosted") else None
 
     @routes.post("/flush")
     async def admin_flush(self, request: Request):

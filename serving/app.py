@@ -18,14 +18,15 @@ from ray import serve
 from serving.replica import actor_options, app_name, replica_for  # noqa: F401 - app_name is re-exported
 
 # -- model apps ---------------------------------------------------------------------------------------
-def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
-    """The Serve app (a ``RunTarget``) for one model, without an HTTP route."""
+def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None, adapters: tuple[str, ...] = ()):
+    """The Serve app (a ``RunTarget``) for one model, without an HTTP route; ``adapters``: LoRA adapters
+    of its base served beside it (vLLM only, see ``serving.vllm_replica.shared_hosts``)."""
     from ray.serve.api import RunTarget
 
     from serving.vllm_replica import vllm_target
 
     d = spec.deploy
-    if d.engine != "hf" and (target := vllm_target(spec, ref, registry_uri, faults)) is not None:
+    if d.engine != "hf" and (target := vllm_target(spec, ref, registry_uri, faults, adapters)) is not None:
         return target  # vLLM wherever it runs this model; the HF replica below is the fallback
     app = replica_for(d.engine).options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
                                         max_queued_requests=4 * d.max_concurrency).bind(
@@ -49,14 +50,19 @@ def running_apps() -> set[str]:
 
 def deploy(spec, plan: dict, registry_uri: str, *, faults: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
     """Start every model in ``plan`` (and ``extra`` refs, started but unrouted) and the router, all
-    at once so the models load in parallel. ``faults``: {ref: faults}, tests only."""
+    at once so the models load in parallel; a canary or shadow that is an adapter of production's base
+    gets no app of its own (``plan["hosts"]`` says who serves it). ``faults``: {ref: faults}, tests only."""
     from ray.serve.api import RunTarget
 
     from serving.router import Router
+    from serving.vllm_replica import shared_hosts
 
     faults = faults or {}
-    refs = dict.fromkeys([r for r in plan["models"].values() if r] + list(extra))
-    targets = [model_target(spec, ref, registry_uri, faults.get(ref)) for ref in refs]
+    hosts = shared_hosts(spec, plan["models"], registry_uri)  # adapters served by production's replica
+    plan = {**plan, "hosts": hosts}
+    refs = [r for r in dict.fromkeys([r for r in plan["models"].values() if r] + list(extra)) if r not in hosts]
+    targets = [model_target(spec, ref, registry_uri, faults.get(ref), tuple(a for a, h in hosts.items() if h == ref))
+               for ref in refs]
     router = Router.options(ray_actor_options=actor_options(0), max_ongoing_requests=spec.deploy.max_concurrency + 32)
     targets.append(RunTarget(router.bind(spec.to_dict(), plan, registry_uri), name=spec.task, route_prefix="/"))
     serve.run_many(targets)

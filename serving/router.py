@@ -99,6 +99,9 @@ class Router(AdminRoutes):
         self.checker = Checker(self.spec.contract)
         self.default_guide = guide_for(self.spec.contract)
         self.models: dict[str, str | None] = dict(plan["models"])
+        # model ref -> the model whose app serves it, for adapters served beside production's base
+        # (multi-LoRA in one vLLM replica); a model not listed has an app of its own
+        self.hosts: dict[str, str] = dict(plan.get("hosts") or {})
         self.weight = float(plan.get("canary_weight", 0.0))
         self.stats = {role: LiveStats() for role in ("production", "canary", "shadow")}
         self.metrics = RouterMetrics(self.task)
@@ -112,12 +115,25 @@ class Router(AdminRoutes):
         self.created: dict[str, int] = {}  # model ref -> its manifest's creation time (for /v1/models)
 
     # -- helpers -------------------------------------------------------------------------------
+    def _app(self, ref: str) -> str:
+        return app_name(self.task, self.hosts.get(ref, ref))
+
     def _handle(self, ref: str):
         # One handle per model app, kept: get_app_handle asks the controller (a blocking call, ~1 ms,
         # inside the request path). A handle follows its app by name across redeploys.
-        if ref not in self._handles:
-            self._handles[ref] = serve.get_app_handle(app_name(self.task, ref))
-        return self._handles[ref]
+        name = self._app(ref)
+        if name not in self._handles:
+            self._handles[name] = serve.get_app_handle(name)
+        return self._handles[name]
+
+    def _which(self, ref: str) -> tuple:
+        """The replica call's trailing arguments: the model to use where its app hosts several."""
+        return (ref,) if ref in self.hosts else ()
+
+    def _unused_app(self, ref: str) -> str | None:
+        """``ref``'s app once ``ref`` is no longer routed, unless it still serves a routed model."""
+        name = self._app(ref)
+        return None if any(m and self._app(m) == name for m in self.models.values()) else name
 
     def _registry(self):
         from infra.registry import Registry
@@ -237,7 +253,8 @@ class Router(AdminRoutes):
     async def _complete(self, call: "Call"):
         result = None
         try:
-            result = await asyncio.wait_for(self._handle(call.ref).generate.remote(call.messages, dict(call.params)),
+            result = await asyncio.wait_for(self._handle(call.ref).generate.remote(call.messages, dict(call.params),
+                                                                                  *self._which(call.ref)),
                                             timeout=self.cfg.request_timeout_s)
             if "error" in result:
                 raise APIError(result["status"], result["error"], param=result.get("param"))
@@ -265,7 +282,8 @@ class Router(AdminRoutes):
     async def _stream(self, call: "Call", include_usage: bool):
         """Answer as server-sent events. The first replica item (the prompt's size, or an error such as
         a prompt over the limit) is awaited before answering, so such errors still get a JSON status."""
-        gen = self._handle(call.ref).options(stream=True).stream.remote(call.messages, dict(call.params))
+        gen = self._handle(call.ref).options(stream=True).stream.remote(call.messages, dict(call.params),
+                                                                        *self._which(call.ref))
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.request_timeout_s)
             if "error" in first:
@@ -337,7 +355,7 @@ class Router(AdminRoutes):
             start = time.perf_counter()
             shadow = {"model": shadow_ref}
             try:
-                res = await asyncio.wait_for(self._handle(shadow_ref).generate.remote(messages, params),
+                res = await asyncio.wait_for(self._handle(shadow_ref).generate.remote(messages, params, *self._which(shadow_ref)),
                                              timeout=self.cfg.shadow_timeout_s)
                 ok = "error" not in res
                 text = res["choices"][0]["text"] if ok else None

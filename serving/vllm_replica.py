@@ -2,8 +2,10 @@
 
 Each replica owns one managed vLLM server (``pipelines.engines.vllm_server``) holding the base
 weights once, with the replica's model and any further LoRA adapters of the same base loaded into
-it (multi-LoRA): ``generate(..., model=REF)`` picks one of them per request, so a canary that is an
-adapter of production's base can be served by production's replica. Requests are forwarded one by
+it (multi-LoRA): ``generate(..., model=REF)`` picks one of them per request, so a canary or shadow
+that is an adapter of production's base is served by production's replica: ``shared_hosts`` decides
+that when the app starts, ``host`` loads one more adapter into the running server when the router
+deploys it (vLLM's runtime LoRA loading, on the server's 127.0.0.1 port only). Requests are forwarded one by
 one as they come (no ``@serve.batch``): the server batches whatever is in flight at every step.
 
 It implements ``serving.replica``'s seam (``generate``, ``stream``, ``info``), so the router treats
@@ -37,41 +39,69 @@ def guide_body(guide: str | None) -> dict:
 class VLLMReplica:
     def __init__(self, ref: str, registry_uri: str, adapters: list[str] | None = None, faults: dict | None = None,
                  threads: int | None = None, max_model_len: int = 2048):
+        import asyncio
+
         import httpx
 
         from infra.registry import Registry
         from pipelines.engines.loading import resolve_model
-        from pipelines.engines.vllm_server import VLLMServer
+        from pipelines.engines.vllm_server import VLLMServer, _lora_rank_bucket
         from pipelines.modeling import load_tokenizer
 
-        reg = Registry.open(registry_uri)
-        self.ref = reg.get(ref).id
-        main = resolve_model(self.ref, reg)
-        base = main.base_path if main.adapter else str(main.path)
+        self.registry = Registry.open(registry_uri)
+        self.ref = self.registry.get(ref).id
+        main = resolve_model(self.ref, self.registry)
+        self.base = main.base_path if main.adapter else str(main.path)
+        self.tokenizer = load_tokenizer(main.tokenizer_path)
+        self.prompts = {self.ref: main.system_prompt}  # model name -> its saved system prompt
         loras = {self.ref: str(main.path)} if main.adapter else {}
+        ranks = [_adapter_rank(main.path)] if main.adapter else []
         for a in adapters or []:  # further adapters must share the base: one copy of its weights
-            r = resolve_model(a, reg)
-            if not r.adapter or r.base_path != base:
-                raise ValueError(f"adapter {a}: not a LoRA adapter of {base}; give it a replica of its own")
-            loras[reg.get(a).id] = str(r.path)
-        ranks = [json.loads((resolve_model(m, reg).path / "adapter_config.json").read_text()).get("r", 16)
-                 for m in loras]
-        from pipelines.engines.vllm_server import _lora_rank_bucket
-
-        self.server = VLLMServer(base, served_name=self.ref if not main.adapter else "base",
+            name, r, why = self._adapter(a)
+            if why:
+                raise ValueError(f"adapter {a}: {why}; give it a replica of its own")
+            loras[name], self.prompts[name] = str(r.path), r.system_prompt
+            ranks.append(_adapter_rank(r.path))
+        self.server = VLLMServer(self.base, served_name=self.ref if not main.adapter else "base",
                                  tokenizer=main.tokenizer_path, loras=loras, max_model_len=max_model_len,
                                  max_lora_rank=_lora_rank_bucket(max(ranks, default=16)), threads=threads)
-        self.names = {self.ref, *loras}  # model names a request may pick (one copy of the base serves all)
-        self.tokenizer = load_tokenizer(main.tokenizer_path)
-        self.system_prompt = main.system_prompt
+        self.load_lock = asyncio.Lock()
         self.faults = faults or {}
         self.client = httpx.AsyncClient(base_url=self.server.url, timeout=None,
                                         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
-    def _served(self, model: str | None) -> str:
+    def _adapter(self, ref: str):
+        """(its id, its resolved model, None) for a LoRA adapter this server can serve beside its base,
+        else (id, resolved model, why not)."""
+        from pipelines.engines.loading import resolve_model
+
+        name = self.registry.get(ref).id
+        r = resolve_model(name, self.registry)
+        return name, r, why_not_shared(self.base, self.tokenizer.chat_template, r)
+
+    async def host(self, ref: str) -> dict:
+        """Serve one more adapter of this replica's base from its running server (multi-LoRA: no second
+        copy of the base, no new server): ``{"model", "hosted": True}`` or ``{"hosted": False, "reason"}``.
+        The router calls it on one replica when a canary or shadow is deployed; any other replica of the
+        app loads the adapter on its first request for it (``_served``)."""
+        import asyncio
+
+        async with self.load_lock:
+            name, r, why = await asyncio.to_thread(self._adapter, ref)
+            if name in self.prompts:
+                return {"model": name, "hosted": True}
+            why = why or await asyncio.to_thread(self.server.load_lora, name, str(r.path), _adapter_rank(r.path))
+            if why:
+                return {"model": name, "hosted": False, "reason": why}
+            self.prompts[name] = r.system_prompt
+            return {"model": name, "hosted": True}
+
+    async def _served(self, model: str | None) -> str:
         name = model or self.ref
-        if name not in self.names:
-            raise ValueError(f"model {name!r} is not loaded in this replica (it has {sorted(self.names)})")
+        if name not in self.prompts:
+            hosted = await self.host(name)
+            if not hosted["hosted"]:
+                raise ValueError(f"model {name!r} cannot be served by this replica: {hosted['reason']}")
         return name
 
     def _over_limit(self, messages: list[dict], limit: int | None) -> dict | None:
@@ -86,9 +116,9 @@ class VLLMReplica:
             return None
         return prompt_limit(self.tokenizer, messages, limit)[0]
 
-    def _body(self, messages: list[dict], params: dict, model: str | None) -> dict:
+    def _body(self, messages: list[dict], params: dict, name: str) -> dict:
         """The seam's parsed ``params`` (``serving.protocol.params_for``) as a vLLM OpenAI request."""
-        body = {"model": self._served(model), "messages": messages, "max_tokens": params["max_tokens"],
+        body = {"model": name, "messages": messages, "max_tokens": params["max_tokens"],
                 "temperature": params["temperature"], "top_p": params["top_p"], "seed": params["seed"],
                 "n": params.get("n", 1), **guide_body(params.get("guide"))}
         if params.get("stop"):
@@ -100,12 +130,13 @@ class VLLMReplica:
     async def generate(self, messages: list[dict], params: dict, model: str | None = None) -> dict:
         """The router's call (``serving.replica``'s seam): ``{"model", "prompt_tokens", "choices"}``."""
         await inject_faults(self.faults, self.ref)
-        messages = with_system_prompt(messages, self.system_prompt)
+        name = await self._served(model)
+        messages = with_system_prompt(messages, self.prompts[name])
         problem = self._over_limit(messages, params.get("max_prompt_tokens"))
         if problem:
             return problem
         t0 = time.perf_counter()
-        r = await self.client.post("/v1/chat/completions", json=self._body(messages, params, model))
+        r = await self.client.post("/v1/chat/completions", json=self._body(messages, params, name))
         engine_s = time.perf_counter() - t0  # the engine's share of the latency (the router reports the rest)
         if r.status_code != 200:
             return {"error": _message(r), "status": r.status_code}
@@ -119,18 +150,19 @@ class VLLMReplica:
             if params.get("logprobs") is not None:
                 choice["logprobs"] = (c.get("logprobs") or {}).get("content") or []
             choices.append(choice)
-        return {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices,
+        return {"model": name, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices,
                 "engine_s": engine_s}
 
     async def stream(self, messages: list[dict], params: dict, model: str | None = None):
         """The seam's stream: ``{"model", "prompt_tokens"}``, ``{"delta"}`` items, then the finish."""
         await inject_faults(self.faults, self.ref)
-        messages = with_system_prompt(messages, self.system_prompt)
+        name = await self._served(model)
+        messages = with_system_prompt(messages, self.prompts[name])
         problem = self._over_limit(messages, params.get("max_prompt_tokens"))
         if problem:
             yield problem
             return
-        body = {**self._body(messages, params, model), "stream": True,
+        body = {**self._body(messages, params, name), "stream": True,
                 "stream_options": {"include_usage": True}}
         started, finish, usage = False, "stop", {}
         async with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -147,18 +179,18 @@ class VLLMReplica:
                 for c in chunk.get("choices") or []:
                     if not started:
                         started = True
-                        yield {"model": self.ref, "prompt_tokens": (chunk.get("usage") or {}).get("prompt_tokens", 0)}
+                        yield {"model": name, "prompt_tokens": (chunk.get("usage") or {}).get("prompt_tokens", 0)}
                     if text := (c.get("delta") or {}).get("content"):
                         yield {"delta": text}
                     if c.get("finish_reason"):
                         finish = _finish(c["finish_reason"])
         if not started:
-            yield {"model": self.ref, "prompt_tokens": usage.get("prompt_tokens", 0)}
+            yield {"model": name, "prompt_tokens": usage.get("prompt_tokens", 0)}
         yield {"finish_reason": finish, "completion_tokens": usage.get("completion_tokens", 0),
                "prompt_tokens": usage.get("prompt_tokens", 0)}
 
     def info(self) -> dict:
-        return {"model": self.ref, "engine": "vllm", "models": sorted(self.names), "url": self.server.url,
+        return {"model": self.ref, "engine": "vllm", "models": sorted(self.prompts), "url": self.server.url,
                 "server_pid": self.server.proc.pid}
 
     def __del__(self):
@@ -166,6 +198,47 @@ class VLLMReplica:
             self.server.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def why_not_shared(base: str, chat_template: str | None, r) -> str | None:
+    """None when the resolved model ``r`` can be served beside ``base`` by a server rendering
+    ``chat_template`` (a LoRA adapter of that base, with the same template), else why not."""
+    from pipelines.modeling import load_tokenizer
+
+    if not r.adapter or r.base_path != base:
+        return f"not a LoRA adapter of the replica's base {base}"
+    if load_tokenizer(r.tokenizer_path).chat_template != chat_template:
+        return "its chat template differs from the base's (one server renders one template)"
+    return None
+
+
+def shared_hosts(spec, models: dict, registry_uri: str) -> dict[str, str]:
+    """``{canary or shadow ref: production ref}`` for the adapters of production's base that production's
+    vLLM replica serves beside it (``deploy.share_base``); empty where production is not on vLLM."""
+    from infra.registry import Registry
+    from pipelines.engines import pick_engine
+    from pipelines.engines.loading import resolve_model
+    from pipelines.modeling import load_tokenizer
+
+    prod = models.get("production")
+    reg = Registry.open(registry_uri)
+    if not prod or not spec.deploy.share_base or pick_engine(spec.deploy.engine, prod, reg) != "vllm":
+        return {}
+    p = resolve_model(prod, reg)
+    base = p.base_path if p.adapter else str(p.path)
+    template = load_tokenizer(p.tokenizer_path).chat_template
+    out = {}
+    for role in ("canary", "shadow"):
+        ref = models.get(role)
+        if ref and ref != prod and why_not_shared(base, template, resolve_model(ref, reg)) is None:
+            out[ref] = prod
+    return out
+
+
+def _adapter_rank(folder) -> int:
+    from pathlib import Path
+
+    return int(json.loads((Path(folder) / "adapter_config.json").read_text()).get("r", 16))
 
 
 def _finish(reason: str | None) -> str:
@@ -180,8 +253,9 @@ def _message(r) -> str:
         return r.text[:300]
 
 
-def vllm_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
-    """The Serve app for ``ref`` on a vLLM replica, or None where vLLM cannot run it here (HF then)."""
+def vllm_target(spec, ref: str, registry_uri: str, faults: dict | None = None, adapters: tuple[str, ...] = ()):
+    """The Serve app for ``ref`` (and ``adapters`` of its base, served beside it) on a vLLM replica, or
+    None where vLLM cannot run it here (HF then)."""
     from ray.serve.api import RunTarget
 
     from infra.registry import Registry
@@ -194,5 +268,5 @@ def vllm_target(spec, ref: str, registry_uri: str, faults: dict | None = None):
 
     app = VLLMReplica.options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
                               max_queued_requests=4 * d.max_concurrency).bind(
-        ref, registry_uri, None, faults, d.threads_per_replica)
+        ref, registry_uri, list(adapters), faults, d.threads_per_replica)
     return RunTarget(app, name=app_name(spec.task, ref), route_prefix=None)

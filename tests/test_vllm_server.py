@@ -66,43 +66,105 @@ def test_server_engine_matches_hf_greedy_free_and_under_a_json_schema(models):
     assert any(v.text != f.text for v, f in zip(v_guided, v_free)), "the schema must change the outputs"
 
 
-def test_vllm_replica_serves_base_and_adapter_in_one_server_and_streams(models, ray_local):
+def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monkeypatch):
+    """Production (the base) and a canary that is a LoRA adapter of it: one model app, one vLLM server,
+    over real HTTP through the router. A second adapter deployed at run time is loaded into that same
+    server (no new app), with its own saved system prompt; rollback and promotion retire no app that
+    still serves a routed model. Each answer equals the HF engine's greedy answer for that model."""
     from ray import serve
 
     from infra.registry import Registry
-    from serving.vllm_replica import VLLMReplica
+    from pipelines.spec import spec_from_dict
+    from serving.app import deploy
+    from tests.evalkit import lora_adapter
+    from tests.s3server import free_port
 
-    uri = f"file://{models['root'] / 'registry'}"
+    monkeypatch.setenv("CRUCIBLE_ADMIN_TOKEN", "share-token")
+    admin = {"Authorization": "Bearer share-token"}
+    root = models["root"]
+    uri = f"file://{root / 'registry'}"
     reg = Registry.open(uri)
-    base_ref = reg.add_directory("model", "vllm-test", models["base"]).id
-    (models["adapter"] / "adapter_config.json").write_text(json.dumps(
-        {**json.loads((models["adapter"] / "adapter_config.json").read_text()), "base_model_name_or_path": base_ref}))
-    adapter_ref = reg.add_directory("model", "vllm-test", models["adapter"]).id
-    serve.run(VLLMReplica.options(ray_actor_options={"num_cpus": 0.5}).bind(base_ref, uri, [adapter_ref]),
-              name="vllm-replica", route_prefix=None)
+    base_ref = reg.add_directory("model", "vllmshare", models["base"]).id
+
+    def register_adapter(folder, system_prompt=None):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base_ref}))
+        if system_prompt:
+            (folder / "crucible.json").write_text(json.dumps({"system_prompt": system_prompt}))
+        return reg.add_directory("model", "vllmshare", folder).id
+
+    canary = register_adapter(models["adapter"])
+    saved = "Answer in one word."
+    second_dir = lora_adapter(models["base"], root / "second", seed=5)
+    second = register_adapter(second_dir, saved)
+    spec = spec_from_dict({"task": "vllmshare", "model": {"base": str(models["base"])}, "registry": uri,
+                           "deploy": {"engine": "vllm", "num_cpus": 0.5, "max_prompt_tokens": 60,
+                                      "canary_weight": 0.5}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    plan = deploy(spec, {"task": "vllmshare", "models": {"production": base_ref, "canary": canary, "shadow": None},
+                         "canary_weight": 0.5}, uri)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    messages = chats(3)[2]
+    hf = {ref: get_engine("hf", model=ref, registry=reg) for ref in (base_ref, canary, second)}
+
+    def expected(ref, msgs=messages):
+        return hf[ref].generate([msgs], GenParams(max_new_tokens=8))[0]
+
+    def ask(ref, **kw):
+        r = client.post("/v1/chat/completions", json={"model": ref, "messages": messages, "max_tokens": 8,
+                                                      "temperature": 0, **kw})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-crucible-model"] == ref
+        return r
+
     try:
-        h = serve.get_app_handle("vllm-replica")
-        info = h.info.remote().result()
-        assert info["engine"] == "vllm" and set(info["models"]) == {base_ref, adapter_ref}
-        messages = chats(1)[0]
-        params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "guide": None,
-                  "max_prompt_tokens": 100}
-        base_out = h.generate.remote(messages, dict(params)).result()
-        lora_out = h.generate.remote(messages, dict(params), adapter_ref).result()
-        hf_base = get_engine("hf", model=str(models["base"])).generate([messages], GenParams(max_new_tokens=8))[0]
-        hf_lora = get_engine("hf", model=str(models["adapter"]), registry=reg).generate([messages], GenParams(max_new_tokens=8))[0]
-        base_text, lora_text = base_out["choices"][0]["text"], lora_out["choices"][0]["text"]
-        assert (base_text, lora_text) == (hf_base.text, hf_lora.text) and hf_base.text != hf_lora.text
-        assert base_out["model"] == base_ref and base_out["prompt_tokens"] == hf_base.prompt_tokens
-        assert 0 < base_out["engine_s"] < 600  # the engine's share, which the router's Server-Timing reports
-        too_long = h.generate.remote(messages, {**params, "max_prompt_tokens": 2}).result()
-        assert too_long["status"] == 400 and "at most 2" in too_long["error"]
-        items = list(h.options(stream=True).stream.remote(messages, dict(params), adapter_ref))
-        assert items[0]["model"] == base_ref and "finish_reason" in items[-1]  # the seam's stream shape
-        assert "".join(i.get("delta", "") for i in items[1:-1]) == hf_lora.text
-        assert items[-1]["completion_tokens"] > 0
+        assert plan["hosts"] == {canary: base_ref}
+        model_apps = sorted(a for a in serve.status().applications if a.startswith("vllmshare--"))
+        assert model_apps == ["vllmshare--" + base_ref.rsplit("-", 1)[-1]], "one app serves both"
+        status = client.get("/admin/status", headers=admin).json()
+        assert status["apps"] == {base_ref: model_apps[0], canary: model_apps[0]}
+        info = serve.get_app_handle(model_apps[0]).info.remote().result()
+        assert info["engine"] == "vllm" and info["models"] == sorted([base_ref, canary])
+
+        base_ans, lora_ans = expected(base_ref), expected(canary)
+        assert base_ans.text != lora_ans.text, "the adapter must change the answer"
+        r = ask(base_ref)
+        assert r.json()["choices"][0]["message"]["content"] == base_ans.text
+        assert r.json()["usage"]["prompt_tokens"] == base_ans.prompt_tokens
+        assert "engine;dur=" in r.headers["server-timing"]  # the replica timed its call to vLLM
+        assert ask(canary).json()["choices"][0]["message"]["content"] == lora_ans.text
+        with client.stream("POST", "/v1/chat/completions", json={"model": canary, "messages": messages,
+                                                                "max_tokens": 8, "stream": True}) as s:
+            deltas = [json.loads(line[5:])["choices"] for line in s.iter_lines()
+                      if line.startswith("data:") and "[DONE]" not in line]
+        assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == lora_ans.text
+        too_long = client.post("/v1/chat/completions", json={"model": canary, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": "x " * 100}]})
+        assert too_long.status_code == 400 and "at most 60" in too_long.json()["error"]["message"]
+
+        # a second adapter, deployed at run time: loaded into the running server, no new app
+        d = client.post("/admin/deploy", headers=admin, json={"model": second, "as": "canary", "weight": 0.5})
+        assert d.status_code == 200, d.text
+        assert d.json()["served_beside"] == base_ref and d.json()["app"] == model_apps[0]
+        assert sorted(a for a in serve.status().applications if a.startswith("vllmshare--")) == model_apps
+        with_saved = [{"role": "system", "content": saved}, *messages]  # its own saved system prompt
+        assert ask(second).json()["choices"][0]["message"]["content"] == expected(second, with_saved).text
+        rolled = client.post("/admin/rollback", headers=admin)
+        assert rolled.status_code == 200 and rolled.json()["retired_app"] is None  # its app serves production
+
+        # promote an adapter served beside the base: the base's app stays, it now serves production
+        assert client.post("/admin/deploy", headers=admin, json={"model": canary, "as": "canary"}).status_code == 200
+        promoted = client.post("/admin/promote", headers=admin, json={"force": True})
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["retired_app"] is None
+        r = client.post("/v1/chat/completions", json={"model": "vllmshare", "messages": messages, "max_tokens": 8,
+                                                      "temperature": 0})
+        assert r.headers["x-crucible-model"] == canary
+        assert r.json()["choices"][0]["message"]["content"] == lora_ans.text
         url = info["url"]
     finally:
-        serve.delete("vllm-replica")
+        client.close()
+        serve.shutdown()
     with pytest.raises(httpx.HTTPError):  # the replica's server went with it
         httpx.get(url + "/v1/models", timeout=30)

@@ -117,12 +117,16 @@ class VLLMServer:
             # on the CPU build "gpu memory" is host RAM: reserve a fixed, small KV cache instead of a
             # fraction of a shared machine's memory
             cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
-        if self.loras:
-            cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(self.loras)),
-                    "--lora-modules", *[f"{n}={p}" for n, p in self.loras.items()]]
-        cmd += list(extra_args)
+        self.max_lora_rank = max_lora_rank if self.loras else 0
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if self.loras:
+            # slots for a production, a canary and a shadow adapter in one batch; adapters of the same base
+            # can be added while it runs (load_lora), on this server's 127.0.0.1 port only
+            cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max(3, len(self.loras))),
+                    "--lora-modules", *[f"{n}={p}" for n, p in self.loras.items()]]
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        cmd += list(extra_args)
         env.pop("PYTHONPATH", None)  # the server imports vLLM only, never this project's venv
         # Ray sets OMP_NUM_THREADS to an actor's CPU share (often 1); the server's engine should use the
         # cores unless told otherwise
@@ -158,6 +162,22 @@ class VLLMServer:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"vLLM server not ready after {timeout_s:g} s:\n{self.log_tail()}")
+
+    def load_lora(self, name: str, path: str, rank: int) -> str | None:
+        """Load one more LoRA adapter of this server's base while it runs; None when loaded, else why not."""
+        import httpx
+
+        if not self.loras:
+            return "its server was started without LoRA (a full model with no adapter)"
+        if name in self.loras:
+            return None
+        if rank > self.max_lora_rank:
+            return f"LoRA rank {rank} is over this server's max_lora_rank {self.max_lora_rank}"
+        r = httpx.post(self.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=300)
+        if r.status_code != 200:
+            return f"vLLM refused the adapter: {r.text[:300]}"
+        self.loras[name] = path
+        return None
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
