@@ -7,7 +7,8 @@
   p50 of each, ``req_per_s_ratio_crucible_vs_bare`` (goal ≥ 0.8) and ``router_overhead_p50_ms``
   (goal < 5): per request, the client's latency minus the engine's time the replica measured around
   its call to the vLLM server (the router's ``Server-Timing`` header), i.e. all that the proxy, the
-  router, the replica and the hops between them add.
+  router, the replica and the hops between them add. ``serve_floor_ms``: the same two Serve hops with
+  no work in them, measured in the same run (the part of the overhead Serve itself costs here).
 - ``eval``: the same rows generated under the contract by the engine ``auto`` picks (vLLM here)
   and by the HF engine: examples/s ratio (goal ≥ 3) and whether the metrics agree (valid rate,
   intent accuracy, identical outputs).
@@ -191,6 +192,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
 
         asyncio.run(run())
         engine = info["engine"]
+        floor = serve_floor_ms(urls["crucible"])
     finally:
         pool.shutdown(wait=True)  # a start still under way ends first, so its server is closed here too
         if bare_future.exception() is None:
@@ -213,7 +215,43 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
             "router_overhead_p50_ms": round(percentile([x * 1000 for x in overhead], 50), 2) if overhead else None,
             "router_overhead_p95_ms": round(percentile([x * 1000 for x in overhead], 95), 2) if overhead else None,
-            "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"]}
+            "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"],
+            "serve_floor_ms": floor}
+
+
+# -- the floor: what two Serve hops cost with no work in them, on this machine, in this run ---------
+def serve_floor_ms(url: str, n: int = 60) -> dict:
+    """Latency of an HTTP request through Serve's proxy to a deployment that awaits a second one
+    (the router -> replica shape) where neither does any work, one request at a time, engines idle:
+    the part of ``router_overhead`` no router code can remove while the path is Ray Serve."""
+    import httpx
+    from ray import serve
+
+    quiet = {"logging_config": {"enable_access_log": False}, "ray_actor_options": {"num_cpus": 0}}
+
+    @serve.deployment(**quiet)  # no CPU reservation: the engines already hold the node's CPUs
+    class FloorInner:
+        def ping(self) -> str:
+            return "ok"
+
+    @serve.deployment(**quiet)
+    class FloorOuter:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, request) -> str:
+            return await self.inner.ping.remote()
+
+    serve.run(FloorOuter.bind(FloorInner.bind()), name="floor", route_prefix="/floor")
+    lat = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for i in range(n + 5):
+            t = time.perf_counter()
+            c.get("/floor").raise_for_status()
+            if i >= 5:  # the first few warm the handles up
+                lat.append((time.perf_counter() - t) * 1000)
+    serve.delete("floor")
+    return {"p50": round(percentile(lat, 50), 2), "p95": round(percentile(lat, 95), 2)}
 
 
 # -- CPU accounting: where the cores go, per request (robust to a busy machine, unlike wall time) ---
@@ -360,6 +398,8 @@ def main() -> None:
         doc["goals"]["eval_examples_per_s_ratio_ge_3"] = doc["eval"]["examples_per_s_ratio_vllm_vs_hf"] >= 3
     doc["notes"] = ["Both servers are alive during the whole measurement and alternate in rounds; 2 CPU cores are "
                     "shared by the client, both vLLM servers, Serve's proxy, the router and the replica.",
+                    "serve_floor_ms: 60 requests, one at a time, through Serve's proxy to a deployment that awaits "
+                    "a second one, neither doing any work (the router -> replica shape), after the measurement.",
                     "vLLM runs as a managed server from the vLLM venv (pipelines/engines/vllm_server.py), float32 "
                     "on CPU like the HF engine."]
     doc["wall_s"] = round(time.time() - started, 1)

@@ -183,12 +183,11 @@ class AdminRoutes:
             return None
         try:
             answer = await self._handle(prod).host.remote(ref)
-        except Exception as e:  # noqa: BLE001 - an HF replica has no `host`: the canary gets its own app
-            log.info("%s not served beside %s: %s", ref, prod, e)
-            return None
-        if not answer.get("hosted"):
-            log.info("%s not served beside %s: %s", ref, prod, answer.get("reason"))
-        return prod if answer.get("hosted") else None
+        except Exception as e:  # noqa: BLE001 - production's replica failed to answer: the canary gets its own app
+            answer = {"hosted": False, "reason": f"{type(e).__name__}: {e}"}
+        if not answer["hosted"]:
+            log.info("%s gets its own replica, not %s's: %s", ref, prod, answer["reason"])
+        return prod if answer["hosted"] else None
 
     @routes.post("/flush")
     async def admin_flush(self, request: Request):

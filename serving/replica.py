@@ -10,6 +10,9 @@ The seam (every replica kind has these, called over a Serve handle):
   first ``{"model", "prompt_tokens"}`` or an error dict as above, then ``{"delta": str}`` items, last
   ``{"finish_reason", "completion_tokens"}``.
 - ``info() -> dict``.
+- ``async host(ref) -> dict``: serve one more model beside this one (``{"model", "hosted": True}``), or
+  ``{"hosted": False, "reason"}``; ``generate``/``stream`` then take that model as a third argument.
+  Only the vLLM replica can (LoRA adapters of its base); the HF replica serves one model.
 
 ``params`` is ``serving.protocol.params_for``'s dict: max_tokens, temperature, top_p, stop, seed, n,
 logprobs (None or the number of alternatives), max_prompt_tokens, guide. ``REPLICAS`` maps
@@ -163,6 +166,9 @@ class ModelReplica:
 
     def info(self) -> dict:
         return {"model": self.ref, "engine": self.engine.name}
+
+    async def host(self, ref: str) -> dict:
+        return {"model": ref, "hosted": False, "reason": "an HF replica serves one model"}
 
 
 def _choice(c) -> dict:

@@ -11,9 +11,13 @@ import json
 import httpx
 import pytest
 
+from pipelines.contract import Checker
 from pipelines.engines import GenParams, get_engine, pick_engine
 from pipelines.engines.vllm_server import cpu_supports, vllm_python
+from pipelines.evaluate.rows import Example
+from pipelines.evaluate.runner import generate_rows
 from pipelines.guide import Guide
+from pipelines.spec import Contract
 from tests.evalkit import chats, lively_model, lora_adapter
 
 pytestmark = pytest.mark.slow
@@ -48,9 +52,12 @@ def test_server_engine_matches_hf_greedy_free_and_under_a_json_schema(models):
     guide = json.dumps({"json_schema": SCHEMA})
     free, guided = GenParams(max_new_tokens=10), GenParams(max_new_tokens=24, guide=guide)
     engine = get_engine("auto", model=str(models["adapter"]))  # a LoRA adapter, served on its base
+    examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs)]
+    checker = Checker(Contract(type="json", schema=SCHEMA))
     try:
         assert engine.name == "vllm" and engine.server.loras == {"adapter": str(models["adapter"])}
         v_free, v_guided = engine.generate(cs, free), engine.generate(cs, guided)
+        v_rows, _ = generate_rows(engine, examples, cs, checker, guided)
     finally:
         engine.close()
     assert engine.server.proc.poll() is not None, "close() stops the server"
@@ -64,6 +71,12 @@ def test_server_engine_matches_hf_greedy_free_and_under_a_json_schema(models):
     assert all(g.advance(g.start, v.text) is not None for v in v_guided)  # cut at max tokens: still completable
     assert all(g.accepts(v.text) for v in v_guided if v.finish_reason == "stop")
     assert any(v.text != f.text for v, f in zip(v_guided, v_free)), "the schema must change the outputs"
+    # the model's own validity on both engines: vLLM does not say where its grammar overrode the model,
+    # so eval decodes the rows once more without it; the count matches the HF guide's own
+    h_rows, _ = generate_rows(hf, examples, cs, checker, guided)
+    assert [r["output"] for r in v_rows] == [r["output"] for r in h_rows]
+    assert [r["guide_interventions"] > 0 for r in v_rows] == [r["guide_interventions"] > 0 for r in h_rows]
+    assert any(r["guide_interventions"] for r in v_rows)
 
 
 def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monkeypatch):

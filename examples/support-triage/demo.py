@@ -52,7 +52,7 @@ def send_traffic(url: str, rows: list[dict], concurrency: int = 8) -> dict:
     def one(client: httpx.Client, i: int, row: dict) -> tuple[str, bool]:
         user_msg = next(m["content"] for m in row["messages"] if m["role"] == "user")
         r = client.post("/v1/chat/completions", json={
-            "model": TASK, "user": f"demo-user-{i}", "max_tokens": 48, "temperature": 0,
+            "model": TASK, "user": f"demo-user-{i}", "max_tokens": 64, "temperature": 0,
             "messages": [{"role": "user", "content": user_msg}]})
         r.raise_for_status()
         return r.headers["x-crucible-model"], bool(r.json().get("crucible", {}).get("valid"))

@@ -42,6 +42,15 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
     start = time.perf_counter()
     outs = fanout.generate(engine, chats, params, recipe=recipe, policy=fan_out)
     wall = time.perf_counter() - start
+    if params.guide and params.temperature == 0 and outs and not any("guide_interventions" in o.extra for o in outs):
+        # An engine that decodes under the guide without saying where it overrode the model (vLLM's
+        # structured outputs): the same rows once more without the guide, outside the timed part. Under
+        # greedy decoding an identical output is one the constraint never changed, as the HF guide counts.
+        from dataclasses import replace
+
+        free = fanout.generate(engine, chats, replace(params, guide=None), recipe=recipe, policy=fan_out)
+        for o, f in zip(outs, free):
+            o.extra["guide_interventions"] = int(f.text != o.text)
     rows = []
     for ex, chat, out in zip(examples, chats, outs):
         row: dict[str, Any] = {"id": ex.id, "instruction": ex.instruction, "reference": ex.reference,
