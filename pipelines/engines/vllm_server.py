@@ -137,10 +137,11 @@ class VLLMServer:
         self.cmd = cmd
         self._log = tempfile.NamedTemporaryFile(prefix="crucible-vllm-", suffix=".log", delete=False)
         self.log_path = self._log.name
-        # a session of its own, so close() can stop the engine-core children with it; and a parent-death
-        # signal, so a killed owner (a Serve replica torn down hard) leaves no orphan server behind
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir(),
-                                     preexec_fn=_own_session_dying_with_parent)
+        # A session of its own, so close() can stop the engine-core children with it, led by a small
+        # watchdog (_WATCHDOG) so that a killed owner (a Serve replica torn down hard) leaves no orphan
+        # behind: vLLM's engine core and workers outlived their server's SIGTERM on this machine.
+        self.proc = subprocess.Popen([str(py), "-c", _WATCHDOG, *cmd], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=tempfile.gettempdir(), start_new_session=True)
         self._finalizer = weakref.finalize(self, _stop, self.proc)
         try:
             self._wait_ready(startup_timeout_s)
@@ -196,14 +197,42 @@ class VLLMServer:
         self.close()
 
 
-def _own_session_dying_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: close() and the finalizer still stop it
-        pass
+# Leads the server's session: starts the server, and when the server exits or the owner that started it
+# is gone (reparented), stops every other process of the session (SIGTERM, then SIGKILL) before it exits
+# with the server's status. It ignores SIGTERM so close()'s signal to the group reaches the server first.
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+owner = os.getppid()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+server = subprocess.Popen(sys.argv[1:], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+while server.poll() is None:
+    if os.getppid() != owner:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    time.sleep(0.5)
+def others():
+    me, group, out = os.getpid(), os.getpgid(0), []
+    for d in (os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            if d.isdigit() and int(d) != me and os.getpgid(int(d)) == group:
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in others():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 10
+    while others() and time.monotonic() < deadline:
+        time.sleep(0.2)
+sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+"""
 
 
 def _has_cuda() -> bool:
