@@ -123,7 +123,7 @@ def _default_name(ref: str, resolved) -> str:
 def _check_gguf_arch(resolved, ref: str) -> None:
     from transformers import AutoConfig
 
-    src = resolved.base_path if resolved.adapter else str(resolved.path)
+    src = resolved.weights_path
     kw = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
     model_type = AutoConfig.from_pretrained(src, **kw).model_type
     if model_type != "llama":
@@ -278,7 +278,7 @@ def _gguf_pre_tokenizer(resolved, tokenizer) -> str:
     if resolved.gguf_file:
         import gguf
 
-        folder = Path(resolved.base_path if resolved.adapter else resolved.path)
+        folder = Path(resolved.weights_path)
         field = gguf.GGUFReader(str(folder / resolved.gguf_file)).fields.get("tokenizer.ggml.pre")
         if field is not None:
             return str(field.contents())

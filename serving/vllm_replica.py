@@ -51,17 +51,17 @@ class VLLMReplica:
         self.registry = Registry.open(registry_uri)
         self.ref = self.registry.get(ref).id
         main = resolve_model(self.ref, self.registry)
-        self.base = main.base_path if main.adapter else str(main.path)
+        self.base = main.weights_path
         self.tokenizer = load_tokenizer(main.tokenizer_path)
         self.prompts = {self.ref: main.system_prompt}  # model name -> its saved system prompt
         loras = {self.ref: str(main.path)} if main.adapter else {}
-        ranks = [_adapter_rank(main.path)] if main.adapter else []
+        ranks = [main.lora_rank] if main.adapter else []
         for a in adapters or []:  # further adapters must share the base: one copy of its weights
             name, r, why = self._adapter(a)
             if why:
                 raise ValueError(f"adapter {a}: {why}; give it a replica of its own")
             loras[name], self.prompts[name] = str(r.path), r.system_prompt
-            ranks.append(_adapter_rank(r.path))
+            ranks.append(r.lora_rank)
         self.server = VLLMServer(self.base, served_name=self.ref if not main.adapter else "base",
                                  tokenizer=main.tokenizer_path, loras=loras, max_model_len=max_model_len,
                                  max_lora_rank=_lora_rank_bucket(max(ranks, default=16)), threads=threads)
@@ -90,7 +90,7 @@ class VLLMReplica:
             name, r, why = await asyncio.to_thread(self._adapter, ref)
             if name in self.prompts:
                 return {"model": name, "hosted": True}
-            why = why or await asyncio.to_thread(self.server.load_lora, name, str(r.path), _adapter_rank(r.path))
+            why = why or await asyncio.to_thread(self.server.load_lora, name, str(r.path), r.lora_rank)
             if why:
                 return {"model": name, "hosted": False, "reason": why}
             self.prompts[name] = r.system_prompt
@@ -225,7 +225,7 @@ def shared_hosts(spec, models: dict, registry_uri: str) -> dict[str, str]:
     if not prod or not spec.deploy.share_base or pick_engine(spec.deploy.engine, prod, reg) != "vllm":
         return {}
     p = resolve_model(prod, reg)
-    base = p.base_path if p.adapter else str(p.path)
+    base = p.weights_path
     template = load_tokenizer(p.tokenizer_path).chat_template
     out = {}
     for role in ("canary", "shadow"):
@@ -233,12 +233,6 @@ def shared_hosts(spec, models: dict, registry_uri: str) -> dict[str, str]:
         if ref and ref != prod and why_not_shared(base, template, resolve_model(ref, reg)) is None:
             out[ref] = prod
     return out
-
-
-def _adapter_rank(folder) -> int:
-    from pathlib import Path
-
-    return int(json.loads((Path(folder) / "adapter_config.json").read_text()).get("r", 16))
 
 
 def _finish(reason: str | None) -> str:

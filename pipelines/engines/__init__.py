@@ -96,7 +96,7 @@ def vllm_unavailable(model: str | None = None, registry=None, *, gguf_file: str 
         return f"cannot resolve {model!r}: {e}"
     if r.gguf_file:
         return "a GGUF file loads on the HF engine"
-    return vllm_server.cpu_supports(r.base_path if r.adapter else r.path)
+    return vllm_server.cpu_supports(r.weights_path)
 
 
 def get_engine(name: str = "auto", model: str | None = None, url: str | None = None, adapter: str | None = None,

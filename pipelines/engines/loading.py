@@ -30,6 +30,18 @@ class ResolvedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def weights_path(self) -> str:
+        """The full model's weights: the base's folder / hub name for an adapter, else the folder named."""
+        return str(self.base_path) if self.adapter else str(self.path)
+
+    @property
+    def lora_rank(self) -> int | None:
+        """An adapter's LoRA rank (``r`` in its adapter_config.json); None for a full model."""
+        if not self.adapter:
+            return None
+        return int(json.loads((self.path / "adapter_config.json").read_text()).get("r", 16))
+
+    @property
     def tokenizer_path(self) -> str:
         """The adapter folder's own tokenizer (its saved template) when it has one, else the base's."""
         if not self.adapter or _has_tokenizer(self.path):
@@ -137,7 +149,7 @@ def load_for_inference(ref: str | os.PathLike | ResolvedModel, registry=None, *,
         torch_dtype = getattr(torch, _DTYPES[dtype])
     else:
         raise ValueError(f"dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
-    base = resolved.base_path if resolved.adapter else str(resolved.path)
+    base = resolved.weights_path
     kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kw["gguf_file"] = resolved.gguf_file

@@ -60,7 +60,7 @@ class VLLMEngine:
         self.resolved = resolved
         self.default_system_prompt = resolved.system_prompt
         self.default_guide = resolved.guide
-        base = resolved.base_path if resolved.adapter else str(resolved.path)
+        base = resolved.weights_path
         self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
         self._lora = None
         kw = dict(model=base, tokenizer=resolved.tokenizer_path, max_model_len=max_model_len, dtype=dtype,
@@ -69,12 +69,9 @@ class VLLMEngine:
         # on the CPU build this fraction is of host RAM (reserved for the KV cache), so keep it small there
         kw["gpu_memory_utilization"] = gpu_memory_utilization or (0.85 if torch.cuda.is_available() else 0.1)
         if resolved.adapter:
-            import json
-
             from vllm.lora.request import LoRARequest
 
-            rank = json.loads((resolved.path / "adapter_config.json").read_text()).get("r", 16)
-            kw.update(enable_lora=True, max_lora_rank=max(max_lora_rank, rank), max_loras=1)
+            kw.update(enable_lora=True, max_lora_rank=max(max_lora_rank, resolved.lora_rank), max_loras=1)
             self._lora = LoRARequest("adapter", 1, str(resolved.path))
         kw.update(llm_kwargs)
         self.llm = LLM(**kw)

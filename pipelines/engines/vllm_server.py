@@ -262,11 +262,11 @@ class VLLMServerEngine:
         self.default_system_prompt = resolved.system_prompt
         self.default_guide = resolved.guide
         self.tokenizer = load_tokenizer(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
-        base = resolved.base_path if resolved.adapter else str(resolved.path)
+        base = resolved.weights_path
         loras = None
         if resolved.adapter:
-            rank = json.loads((resolved.path / "adapter_config.json").read_text()).get("r", 16)
-            server_kwargs["max_lora_rank"] = max(server_kwargs.get("max_lora_rank", 16), _lora_rank_bucket(rank))
+            server_kwargs["max_lora_rank"] = max(server_kwargs.get("max_lora_rank", 16),
+                                                 _lora_rank_bucket(resolved.lora_rank))
             loras = {"adapter": str(resolved.path)}
         self.server = VLLMServer(base, tokenizer=resolved.tokenizer_path, loras=loras, max_model_len=max_model_len,
                                  dtype=dtype, trust_remote_code=trust_remote_code, **server_kwargs)
