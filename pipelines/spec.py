@@ -276,6 +276,9 @@ class Train(Strict):
     gradient_checkpointing: bool = False
     keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept in storage")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+    repair_share: float | None = Field(None, gt=0, lt=1, description="share of the training examples that are a "
+                                       "repair round's rows (meta.repair), reached by repeating them; "
+                                       "null: as many as the dataset holds")
     lora: LoRA = Field(default_factory=LoRA)
     deepspeed: DeepSpeed | None = None
     dpo: DPO = Field(default_factory=DPO)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipelines.modeling import load_tokenizer
 from pipelines.spec import SpecError, spec_from_dict
 from pipelines.templates import IGNORE, encode_chat, select_template
-from pipelines.train.data import collate, pack, plan_batches, shift_labels
+from pipelines.train.data import collate, mix_repair, pack, plan_batches, shift_labels
 from pipelines.train.loop import accumulate, forward_sum, lr_at
 
 
@@ -166,3 +166,21 @@ def test_qlora_on_cpu_fails_before_any_work():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.method: 'qlora' needs a CUDA GPU"):
             check_method(t)
+
+
+def test_repair_share_repeats_repair_rows_only():
+    def row(i, repair=False):
+        meta = {"intent": "x", **({"repair": {"cluster": "case", "origin": f"o{i}"}} if repair else {})}
+        return {"id": f"{'r' if repair else 'o'}{i}", "messages": [], "meta": meta}
+    records = [row(i) for i in range(300)] + [row(i, True) for i in range(100)]
+    mixed, stats = mix_repair(records, 0.6, seed=1)
+    repair = [r for r in mixed if "repair" in r["meta"]]
+    assert len(mixed) - len(repair) == 300  # the original rows, each once
+    assert abs(len(repair) / len(mixed) - 0.6) < 0.005
+    assert {r["id"] for r in repair} == {f"r{i}" for i in range(100)}  # every repair row at least once
+    assert stats == {"repair_rows": 100, "repair_repeats": 4.5}
+    assert mix_repair(records, 0.6, seed=1)[0] == mixed  # seeded
+    # already at or above the share, no share, or nothing to repeat: the records as they are
+    for share, recs in ((0.2, records), (None, records), (0.6, records[:300])):
+        out, stats = mix_repair(recs, share)
+        assert out is recs and stats["repair_repeats"] == 1.0

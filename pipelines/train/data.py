@@ -32,6 +32,26 @@ def read_records(path: str | Path) -> list[dict]:
     return rows
 
 
+def mix_repair(records: list[dict], share: float | None, seed: int = 0) -> tuple[list[dict], dict]:
+    """Repeat a repair round's rows (``meta.repair``) until they make ``share`` of the examples.
+
+    A repaired dataset holds every original row plus a few hundred repair rows per cluster, so a
+    retrain of a few hundred steps sees each cluster's rows rarely; repeating them (not thinning
+    the others, which a run of more epochs would still use) moves that share. Whole repeats, then a
+    seeded sample of the rows for the fraction left. Unchanged when ``share`` is None, the dataset
+    has no repair rows, or they already make that share."""
+    repair = [r for r in records if "repair" in (r.get("meta") or {})]
+    others = len(records) - len(repair)
+    stats = {"repair_rows": len(repair), "repair_repeats": 1.0}
+    if share is None or not repair or not others or len(repair) / len(records) >= share:
+        return records, stats
+    times = share * others / ((1 - share) * len(repair))  # repair rows after mixing = share of all
+    whole, frac = int(times), times - int(times)
+    extra = random.Random(seed).sample(repair, round(frac * len(repair)))
+    stats["repair_repeats"] = round(times, 2)
+    return records + repair * (whole - 1) + extra, stats
+
+
 def encode_records(tokenizer, records: list[dict], max_len: int, system_prompt: str | None = None
                    ) -> tuple[list[Encoded], dict]:
     """Encode every record; drop those with nothing to learn (no assistant token left after truncation)."""

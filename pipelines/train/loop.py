@@ -199,7 +199,8 @@ def train_loop(config: dict) -> None:
     from infra.registry import Registry
     from pipelines.spec import Spec
     from pipelines.train import perf
-    from pipelines.train.data import encode_records, leaks_across_packed_examples, plan_batches, read_records
+    from pipelines.train.data import (encode_records, leaks_across_packed_examples, mix_repair, plan_batches,
+                                      read_records)
     from pipelines.train.model import apply_method, load_base, trainable_parameters
     from pipelines.train.progress import send
 
@@ -225,8 +226,9 @@ def train_loop(config: dict) -> None:
     folder = registry.materialize(config["dataset"])
     torch.manual_seed(t.seed)
     model, tokenizer, facts = load_base(spec, registry)
-    train_ex, data_stats = encode_records(tokenizer, read_records(folder / "train.jsonl"), spec.model.max_seq_len,
-                                          spec.model.system_prompt)
+    records, mix = mix_repair(read_records(folder / "train.jsonl"), t.repair_share, t.seed)
+    train_ex, data_stats = encode_records(tokenizer, records, spec.model.max_seq_len, spec.model.system_prompt)
+    data_stats.update(mix)
     dev_path = folder / "dev.jsonl"
     dev_ex = encode_records(tokenizer, read_records(dev_path), spec.model.max_seq_len,
                             spec.model.system_prompt)[0] if dev_path.exists() else []
@@ -373,7 +375,9 @@ def train_loop(config: dict) -> None:
                 ray.train.report({**metrics, "final": final},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp) if t.deepspeed else None)
 
-    log(f"{data_stats['examples']} examples, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+    repeats = (f" ({data_stats['repair_rows']} repair rows x{data_stats['repair_repeats']:g})"
+               if data_stats["repair_repeats"] != 1 else "")
+    log(f"{data_stats['examples']} examples{repeats}, {steps_per_epoch} steps/epoch, {total_steps} steps, "
                f"{world} worker(s), method {t.method}, "
                f"{'deepspeed zero-' + str(zero_stage) if t.deepspeed else 'ddp' if world > 1 else 'single process'}, "
                f"packing {'on' if packing else 'off'}, {precision} (peak {probe['peak_flops'] / 1e9:,.0f} GFLOP/s "
