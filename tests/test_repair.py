@@ -225,6 +225,8 @@ def test_run_does_one_repair_round(ray_local, triage, tiny_model, tmp_path):
     reg_uri = f"file://{tmp_path / 'registry'}"
     spec = spec_dict(triage, tiny_model, reg_uri)
     spec["loop"]["repair"].update(rounds=1, retrain="continue", max_steps=1)
+    spec["train"]["repair_share"] = 0.6
+    spec["eval"]["baselines"] = ["base"]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     code, out = _cli(["run", str(path), "--until", "eval"])
@@ -235,6 +237,12 @@ def test_run_does_one_repair_round(ray_local, triage, tiny_model, tmp_path):
     assert reg.get(steps["repair"]["ref"]).inputs["eval"] == steps["eval"]["ref"]
     retrained = reg.get(steps["retrain"]["ref"])
     assert retrained.inputs["dataset"] == steps["repair"]["ref"]
+    # The retrain continued from the first model merged, on 60% repair rows (repeated)...
+    assert reg.get(retrained.inputs["base_model"]).inputs["merged_from"] == steps["train"]["ref"]
+    mix = reg.get(retrained.inputs["run"]).metadata["data"]
+    assert mix["repair_rows"] > 0 and mix["repair_repeats"] > 1
+    # ...and its "base" baseline is still the untuned model, not that merged first round.
+    assert reg.get(steps["reeval"]["ref"]).inputs["baselines"] == {"base": str(tiny_model)}
     assert reg.get(steps["reeval"]["ref"]).inputs["dataset"] == steps["repair"]["ref"]
     (round1,) = out["repair"]
     assert round1["after_eval"] == steps["reeval"]["ref"] and round1["eval"] == steps["eval"]["ref"]

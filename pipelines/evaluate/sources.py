@@ -88,7 +88,7 @@ def base_of(spec, registry, model_ref: str) -> str:
     if is_registry_ref(model_ref):
         m = registry.get(model_ref)
         if m.inputs.get("base_model"):
-            return m.inputs["base_model"]
+            return untuned(registry, m.inputs["base_model"])
     try:
         r = resolve_model(model_ref, registry)
         if r.adapter and r.base_path:
@@ -96,6 +96,22 @@ def base_of(spec, registry, model_ref: str) -> str:
     except (FileNotFoundError, ValueError):
         pass
     return spec.model.base
+
+
+def untuned(registry, base: str) -> str:
+    """``base``, or where it is a tuned model merged into its base (a repair round's ``continue``
+    retrain, DPO after SFT) the base that one was tuned from, and so on up: the baselines compare
+    with the model nobody tuned, not with the previous round."""
+    from pipelines.engines.loading import is_registry_ref
+
+    seen = set()
+    while is_registry_ref(base) and base not in seen:
+        seen.add(base)
+        m = registry.get(base)
+        if not (m.inputs.get("merged_from") and m.inputs.get("base_model")):
+            break
+        base = m.inputs["base_model"]
+    return base
 
 
 def baseline_system(name: str, spec, registry, model_ref: str, train: list[Example]) -> System:
