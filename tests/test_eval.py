@@ -131,6 +131,10 @@ def test_baselines_build_their_prompts(evaluated, project):
     with_sys = [{"role": "system", "content": "x"}, *exs[0].chat]
     exs[0].chat = with_sys
     assert all(m["role"] != "system" for m in build_chats(exs[:1], strip_system=b.strip_system)[0])
+    # base and prompted-base differ only in prompts: eval opens one engine for both, not for the model
+    from pipelines.evaluate.sources import candidate_system, engine_key
+    assert engine_key(b, spec, reg) == engine_key(pb, spec, reg)
+    assert engine_key(candidate_system(spec, reg, project["model"]), spec, reg) != engine_key(b, spec, reg)
 
 
 def test_gate_pass_and_fail_exit_codes(evaluated, project, tmp_path):

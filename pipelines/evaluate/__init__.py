@@ -61,8 +61,14 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
     all_rows: dict[str, dict[str, list[dict]]] = {}
     summaries: dict[str, dict[str, Any]] = {}
     engine_used = ""
-    for system in systems:
-        engine = sources.open_engine(system, spec, registry, progress=progress)
+    # Systems on the same weights (base and prompted-base differ only in their prompts) share one
+    # engine: on vLLM that is one server start (a minute or more on a CPU) instead of two.
+    keys = [sources.engine_key(s, spec, registry) for s in systems]
+    engines: dict[str, Any] = {}
+    for k, system in enumerate(systems):
+        if keys[k] not in engines:
+            engines[keys[k]] = sources.open_engine(system, spec, registry, progress=progress)
+        engine = engines[keys[k]]
         engine_used = engine_used or engine.name
         if system.name == "model":  # the model's own saved default prompt wins over the spec's
             system.system_prompt = getattr(engine, "default_system_prompt", None) or system.system_prompt
@@ -79,6 +85,8 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
             summaries[system.name][set_name] = runner.summarize(rows, kind, labels, wall, n_boot=n_boot, seed=seed)
             summaries[system.name][set_name]["perf"]["fanned_out"] = should_fan_out(len(chats), policy)
         del engine
+        if keys[k] not in keys[k + 1:]:
+            del engines[keys[k]]  # frees the weights / stops the server before the next system's
     primary_set = next((s for s in PRIMARY_SET_ORDER if s in sets), next(iter(sets)))
     primary_metric = _primary_metric(spec, kind)
     model_sets = summaries["model"]

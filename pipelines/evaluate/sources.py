@@ -142,6 +142,12 @@ def candidate_system(spec, registry, model_ref: str) -> System:
                   describe=model_ref)
 
 
+def engine_key(system: System, spec, registry) -> str:
+    """Equal for systems one engine can generate for (same engine, weights and settings)."""
+    r = engine_recipe(system, spec, registry, progress=False)
+    return json.dumps([r.name, r.kwargs], sort_keys=True, default=str)
+
+
 def engine_recipe(system: System, spec, registry, *, progress: bool = True):
     """``get_engine``'s arguments for ``system``, buildable in this process or in a Ray actor."""
     from pipelines.fanout import EngineRecipe
