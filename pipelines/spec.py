@@ -288,6 +288,9 @@ class Train(Strict):
         if self.method == "qlora" and not self.use_gpu:
             raise ValueError("method 'qlora' quantises the base to 4 bits with bitsandbytes, which needs a GPU: "
                              "set train.use_gpu: true, or use method 'lora' on CPU")
+        if self.method == "dpo" and self.repair_share is not None:
+            raise ValueError("train.repair_share mixes a repair round's SFT rows; method 'dpo' trains on "
+                             "preference pairs, which have none")
         return self
 
 

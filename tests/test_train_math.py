@@ -184,3 +184,5 @@ def test_repair_share_repeats_repair_rows_only():
     for share, recs in ((0.2, records), (None, records), (0.6, records[:300])):
         out, stats = mix_repair(recs, share)
         assert out is recs and stats["repair_repeats"] == 1.0
+    with pytest.raises(SpecError, match="repair_share.*dpo"):
+        spec_from_dict({"task": "t", "model": {"base": "x"}, "train": {"method": "dpo", "repair_share": 0.5}})
