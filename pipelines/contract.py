@@ -65,7 +65,7 @@ class Checker:
     def __init__(self, contract: Contract):
         self.contract = contract
         self.type = contract.type
-        schema = _schema_of(contract)
+        schema = self._schema = _schema_of(contract)
         self._validator = _validator(schema) if schema else None
         self._labels = {l.strip().lower(): l for l in contract.labels or []}
         self._tools = {t.name: _validator(t.parameters) for t in contract.tools}
@@ -90,6 +90,19 @@ class Checker:
         if self.type == "json":
             return self._check_schema(value)
         return self._check_tool_calls(value)
+
+    def as_decoded(self, text: str) -> str:
+        """A valid JSON answer written the way constrained decoding makes the model write it (compact,
+        properties in the schema's order: ``pipelines.guide``'s grammar), so training teaches the
+        tokens the decoder will allow; any other text, or a contract decoded freely, as it is. Data
+        written with ``", "`` and ``": "`` would otherwise be trained on tokens the guide then forbids:
+        every answer overridden, the model off its own distribution after the first key."""
+        if self.type != "json" or not self.contract.constrained_decoding:
+            return text
+        verdict = self.check(text)
+        if not verdict.valid:
+            return text
+        return json.dumps(_in_schema_order(verdict.value, self._schema), separators=(",", ":"), ensure_ascii=False)
 
     def _check_schema(self, value: Any) -> Verdict:
         if self._validator is not None:
@@ -136,6 +149,25 @@ def normalize_tool_calls(value: Any) -> list[dict] | None:
             return None
         calls.append({"name": item["name"], "arguments": args})
     return calls or None
+
+
+def _in_schema_order(value: Any, schema: Any) -> Any:
+    """``value`` with each object's declared properties first, in the schema's order (the others after,
+    as they were), following ``properties``, ``items`` and the first ``anyOf``/``oneOf`` branch whose
+    properties cover the object's keys."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, list):
+        return [_in_schema_order(v, schema.get("items")) for v in value]
+    if not isinstance(value, dict):
+        return value
+    branches = [schema, *schema.get("anyOf", []), *schema.get("oneOf", [])]
+    declared = next((b["properties"] for b in branches if isinstance(b, dict) and isinstance(b.get("properties"), dict)
+                     and set(value) <= set(b["properties"])), None)
+    declared = declared or next((b["properties"] for b in branches if isinstance(b, dict)
+                                 and isinstance(b.get("properties"), dict)), {})
+    keys = [k for k in declared if k in value] + [k for k in value if k not in declared]
+    return {k: _in_schema_order(value[k], declared.get(k)) for k in keys}
 
 
 def _clip(text: str, n: int = 60) -> str:

@@ -168,3 +168,26 @@ def test_no_intervention_means_the_free_output(engine):
     other = ["alpha", "bravo bravo"]
     steered = engine.generate(cs, GenParams(max_new_tokens=8, guide=json.dumps({"choice": other})))
     assert all(s.text in other and s.extra["guide_interventions"] >= 1 for s in steered)
+
+
+def test_training_targets_are_written_as_the_guide_makes_the_model_write_them():
+    """Data written with ", " and ": " (as the demo's prepare.py does) is trained in the grammar's
+    compact form, properties in schema order: the guide accepts exactly the trained tokens."""
+    from pipelines.contract import Checker
+    from pipelines.spec import Contract
+
+    schema = json.loads(open("examples/support-triage/schema.json").read())
+    contract = Contract(type="json", schema=schema, constrained_decoding=True)
+    guide = Guide.from_spec(guide_for(contract))
+    spaced = json.dumps({"entity": {"value": "Zoë 42", "type": "name"}, "category": "ORDER",
+                         "intent": "cancel_order"}, separators=(", ", ": "), ensure_ascii=False)
+    assert not guide.accepts(spaced)  # what the model would learn, and then be forbidden to write
+    decoded = Checker(contract).as_decoded(spaced)
+    assert guide.accepts(decoded) and json.loads(decoded) == json.loads(spaced)
+    assert decoded == '{"intent":"cancel_order","category":"ORDER","entity":{"type":"name","value":"Zoë 42"}}'
+    null_entity = Checker(contract).as_decoded('{"intent": "review", "category": "FEEDBACK", "entity": null}')
+    assert guide.accepts(null_entity) and null_entity.endswith('"entity":null}')
+    # invalid answers, free decoding and other contract types: left as written
+    for c, text in ((contract, '{"intent": "teleport"}'), (Contract(type="json", schema=schema), spaced),
+                    (Contract(type="label", labels=["a", "b"], constrained_decoding=True), " a ")):
+        assert Checker(c).as_decoded(text) == text

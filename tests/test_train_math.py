@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipelines.modeling import load_tokenizer
 from pipelines.spec import SpecError, spec_from_dict
 from pipelines.templates import IGNORE, encode_chat, select_template
-from pipelines.train.data import collate, mix_repair, pack, plan_batches, shift_labels
+from pipelines.train.data import collate, encode_records, mix_repair, pack, plan_batches, shift_labels
 from pipelines.train.loop import accumulate, forward_sum, lr_at
 
 
@@ -186,3 +186,16 @@ def test_repair_share_repeats_repair_rows_only():
         assert out is recs and stats["repair_repeats"] == 1.0
     with pytest.raises(SpecError, match="repair_share.*dpo"):
         spec_from_dict({"task": "t", "model": {"base": "x"}, "train": {"method": "dpo", "repair_share": 0.5}})
+
+
+def test_json_answers_are_trained_in_the_decoders_form(tok):
+    """With constrained decoding on, the targets are the compact JSON the guide lets the model write."""
+    from pipelines.contract import Checker
+    from pipelines.spec import Contract
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '{"b": "y", "a": 1}'}]}
+    for constrained, want in ((True, '{"a":1,"b":"y"}'), (False, '{"b": "y", "a": 1}')):
+        form = Checker(Contract(type="json", schema=schema, constrained_decoding=constrained)).as_decoded
+        (enc,), _ = encode_records(tok, [record], 64, None, form)
+        assert tok.decode([t for t in enc.labels if t != IGNORE]).startswith(want)

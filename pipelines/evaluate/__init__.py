@@ -76,7 +76,8 @@ def run(spec, registry, model_ref: str, baselines: list[str] | None = None, *, d
         for set_name, examples in sets.items():
             log(f"[{system.name}] generating {len(examples)} examples of set '{set_name}'")
             chats = runner.build_chats(examples, system=system.system_prompt, strip_system=system.strip_system,
-                                       fewshot=system.fewshot, force_system=system.force_system)
+                                       fewshot=system.fewshot, force_system=system.force_system,
+                                       answer_form=checker.as_decoded)
             rows, wall = runner.generate_rows(engine, examples, chats, checker, params, judge_engine=judge_engine,
                                               rubric=spec.eval.judge.rubric if spec.eval.judge else None,
                                               recipe=sources.engine_recipe(system, spec, registry, progress=False),

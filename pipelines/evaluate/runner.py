@@ -15,13 +15,17 @@ PERF_LOWER_IS_BETTER = ("latency_p50_s", "latency_p95_s")
 
 
 def build_chats(examples: list[Example], *, system: str | None = None, strip_system: bool = False,
-                fewshot: list[Example] | None = None, force_system: bool = False) -> list[list[dict]]:
+                fewshot: list[Example] | None = None, force_system: bool = False,
+                answer_form=None) -> list[list[dict]]:
     """Chats as a system is asked them: the row's own chat, optionally without its system message,
     with ``system`` added where the row has none (or replacing it, ``force_system``), and few-shot
-    examples as earlier user/assistant turns."""
+    examples as earlier user/assistant turns (their answers in ``answer_form``, e.g. the compact JSON
+    the guide will enforce, so the shots show what the model may write)."""
     shots: list[dict] = []
     for ex in fewshot or []:
-        shots += without_system(ex.chat) + [{"role": "assistant", "content": reference_text(ex.reference)}]
+        answer = reference_text(ex.reference)
+        shots += without_system(ex.chat) + [{"role": "assistant", "content": answer_form(answer) if answer_form
+                                             else answer}]
     chats = []
     for ex in examples:
         chat = without_system(ex.chat) if (strip_system or force_system) else ex.chat

@@ -107,6 +107,8 @@ def run(spec, registry, dataset_ref: str | None = None, *, resume_run: str | Non
     if t.method == "dpo" and resume_run:
         raise ValueError("--resume: DPO runs write only a final checkpoint; start a new run")
     worker_spec = spec.to_dict()
+    if isinstance(spec.contract.schema_, str):  # workers on other nodes cannot read the driver's files
+        worker_spec["contract"]["schema"] = spec.json_schema_doc()
     if pre.get("base_ref"):  # DPO: the resolved (merged) base, what the adapter will name
         worker_spec["model"] = {**worker_spec["model"], "base": pre["base_ref"]}
     parent = registry.get(resume_run) if resume_run else None

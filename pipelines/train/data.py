@@ -52,12 +52,18 @@ def mix_repair(records: list[dict], share: float | None, seed: int = 0) -> tuple
     return records + repair * (whole - 1) + extra, stats
 
 
-def encode_records(tokenizer, records: list[dict], max_len: int, system_prompt: str | None = None
-                   ) -> tuple[list[Encoded], dict]:
-    """Encode every record; drop those with nothing to learn (no assistant token left after truncation)."""
+def encode_records(tokenizer, records: list[dict], max_len: int, system_prompt: str | None = None,
+                   answer_form=None) -> tuple[list[Encoded], dict]:
+    """Encode every record; drop those with nothing to learn (no assistant token left after truncation).
+    ``answer_form`` rewrites each assistant message first (``Checker.as_decoded``: the form the
+    constrained decoder will make the model write)."""
     kept, dropped, truncated = [], 0, 0
     for row in records:
-        enc = encode_chat(tokenizer, with_system_prompt(row["messages"], system_prompt), max_len)
+        messages = row["messages"]
+        if answer_form is not None:
+            messages = [{**m, "content": answer_form(m["content"])}
+                        if m.get("role") == "assistant" and isinstance(m.get("content"), str) else m for m in messages]
+        enc = encode_chat(tokenizer, with_system_prompt(messages, system_prompt), max_len)
         truncated += enc.truncated
         if enc.trained_tokens == 0:
             dropped += 1

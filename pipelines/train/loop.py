@@ -197,6 +197,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from infra.registry import Registry
+    from pipelines.contract import Checker
     from pipelines.spec import Spec
     from pipelines.train import perf
     from pipelines.train.data import (encode_records, leaks_across_packed_examples, mix_repair, plan_batches,
@@ -227,11 +228,12 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed)
     model, tokenizer, facts = load_base(spec, registry)
     records, mix = mix_repair(read_records(folder / "train.jsonl"), t.repair_share, t.seed)
-    train_ex, data_stats = encode_records(tokenizer, records, spec.model.max_seq_len, spec.model.system_prompt)
+    form = Checker(spec.contract).as_decoded
+    train_ex, data_stats = encode_records(tokenizer, records, spec.model.max_seq_len, spec.model.system_prompt, form)
     data_stats.update(mix)
     dev_path = folder / "dev.jsonl"
     dev_ex = encode_records(tokenizer, read_records(dev_path), spec.model.max_seq_len,
-                            spec.model.system_prompt)[0] if dev_path.exists() else []
+                            spec.model.system_prompt, form)[0] if dev_path.exists() else []
     if not train_ex:
         raise ValueError(f"dataset {config['dataset']}: no training example has an assistant token to learn")
     plans: dict[int, list] = {}
