@@ -376,7 +376,8 @@ class Deploy(Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     engine: Literal["auto", "hf", "vllm"] = Field("auto", description="engine inside each model replica")
     share_base: bool = Field(True, description="a canary or shadow that is a LoRA adapter of production's base "
-                             "is served by production's vLLM replica (multi-LoRA: one copy of the base weights)")
+                             "is served by production's vLLM replica (multi-LoRA: one copy of the base weights); "
+                             "on vLLM's CPU build LoRA decodes ~4x slower than an adapter served alone (merged)")
     threads_per_replica: int | None = Field(None, ge=1, description="torch threads of a CPU model replica "
                                             "(default: Ray's, one per whole CPU requested, at least 1); keep "
                                             "the sum over a node's replicas at or under its cores")
