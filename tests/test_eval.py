@@ -346,3 +346,37 @@ def test_generation_fans_out_over_ray_with_the_same_results(project, ray_local, 
                "--fan-out", mode, "--json")
         got[mode] = [(json.loads(l)["id"], json.loads(l)["output"]) for l in out.read_text().splitlines()]
     assert got["always"] == got["never"] and len(got["never"]) == 6
+
+
+def test_free_first_decoding_matches_the_guides_own_counts(tiny_model, tmp_path):
+    """An engine that does not say where its guide overrode the model (vLLM) is decoded freely
+    first, and under the guide only where the free output leaves the grammar. The outputs and the
+    per-row verdicts (guide changed the output or not) equal the HF guide's own, token by token."""
+    from pipelines.contract import Checker
+    from pipelines.engines import GenParams, get_engine
+    from pipelines.evaluate.rows import Example
+    from pipelines.evaluate.runner import generate_rows
+    from pipelines.spec import Contract
+    from tests.evalkit import chats, lively_model
+
+    engine = get_engine("hf", model=str(lively_model(tiny_model, tmp_path / "lively")), batch_size=4)
+    cs = chats(10)
+    free = engine.generate(cs, GenParams(max_new_tokens=3))
+    # labels: what the model writes freely for 4 of the chats, and 2 it never writes; so some free
+    # outputs stay inside the grammar and the rest need the guided decode
+    labels = sorted({o.text for o in free[:4]}) + ["zulu", "yankee x"]
+    assert 0 < len({o.text for o in free} - set(labels)), "some free outputs must leave the grammar"
+    checker = Checker(Contract(type="label", labels=labels, constrained_decoding=True))
+    params = GenParams(max_new_tokens=3, guide=json.dumps({"choice": labels}))
+    examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs)]
+    own, _ = generate_rows(engine, examples, cs, checker, params)
+    engine.reports_guide_interventions = False  # as vLLM: the guide's verdicts come from the free decode
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda chats, p: calls.append((len(chats), p.guide is not None)) or generate(chats, p)
+    freed, _ = generate_rows(engine, examples, cs, checker, params)
+    assert [r["output"] for r in freed] == [r["output"] for r in own]
+    assert [r["guide_interventions"] > 0 for r in freed] == [r["guide_interventions"] > 0 for r in own]
+    kept = sum(not r["guide_interventions"] for r in freed)
+    assert 0 < kept < len(cs)
+    assert calls == [(len(cs), False), (len(cs) - kept, True)], "guided again only where the free output left"

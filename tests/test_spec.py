@@ -219,12 +219,15 @@ LONGER_ANSWERS = ["eval.max_new_tokens=64"]
 REPAIR_MIX = ["train.repair_share=0.7"]
 # And: a canary is not served as LoRA beside production on CPU (LoRA decodes ~4x slower there).
 NOT_SHARED = ["deploy.share_base=false"]
+# And (2026-12-04): shorter trainings for the demo's time (the retrain continues from the first model).
+SHORTER_TRAININGS = ["train.max_steps=50", "loop.repair.max_steps=80"]
 
 
 def test_example_spec_default_is_the_measured_cpu_profile_and_gpu_is_a_profile():
     path = ROOT / "examples/support-triage/spec.yaml"
     default, cpu = load_spec(path), load_spec(path, ["profile=cpu"])
-    measured = load_spec(path, ["profile=", *MEASURED_DEMO_OVERRIDES, *REPAIR_ROUND, *LONGER_ANSWERS, *REPAIR_MIX, *NOT_SHARED])
+    measured = load_spec(path, ["profile=", *MEASURED_DEMO_OVERRIDES, *REPAIR_ROUND, *LONGER_ANSWERS, *REPAIR_MIX, *NOT_SHARED,
+                                         *SHORTER_TRAININGS])
     assert default.profile == cpu.profile == "cpu"
     assert default.to_dict() == cpu.to_dict() == measured.to_dict()
     gpu = load_spec(path, ["profile=gpu"])

@@ -20,6 +20,7 @@ MAX_GUIDES = 16
 
 class HFEngine:
     name = "hf"
+    reports_guide_interventions = True  # the guide runs here, token by token (engines.constrain)
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, resolved=None, progress: bool = False):
         self.model = model
