@@ -71,6 +71,7 @@ class Checker:
         self._tools = {t.name: _validator(t.parameters) for t in contract.tools}
         used = formats_in(schema) | set().union(*(formats_in(t.parameters) for t in contract.tools))
         self.unchecked_formats = sorted(used - FORMATS_CHECKED)
+        self._guide = None  # the decoding grammar, compiled when as_decoded first needs it
 
     def check(self, text: str | None) -> Verdict:
         if text is None or not str(text).strip():
@@ -102,7 +103,13 @@ class Checker:
         verdict = self.check(text)
         if not verdict.valid:
             return text
-        return json.dumps(_in_schema_order(verdict.value, self._schema), separators=(",", ":"), ensure_ascii=False)
+        ordered = _in_schema_order(verdict.value, self._schema, self._schema)
+        if self._guide is None:
+            from pipelines.guide import Guide
+
+            self._guide = Guide.json_schema(self._schema)
+        written = self._guide.write(ordered)
+        return written if written is not None else json.dumps(ordered, separators=(",", ":"), ensure_ascii=False)
 
     def _check_schema(self, value: Any) -> Verdict:
         if self._validator is not None:
@@ -151,23 +158,38 @@ def normalize_tool_calls(value: Any) -> list[dict] | None:
     return calls or None
 
 
-def _in_schema_order(value: Any, schema: Any) -> Any:
+def _in_schema_order(value: Any, schema: Any, root: Any = None) -> Any:
     """``value`` with each object's declared properties first, in the schema's order (the others after,
-    as they were), following ``properties``, ``items`` and the first ``anyOf``/``oneOf`` branch whose
-    properties cover the object's keys."""
+    as they were), following local ``$ref`` (into ``root``), ``properties``, ``items`` and the first
+    ``anyOf``/``oneOf`` branch whose properties cover the object's keys."""
+    for _ in range(32):  # a $ref chain; a cycle of bare refs gives up
+        if not (isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#")):
+            break
+        schema = _resolve_ref(root, schema["$ref"])
     if not isinstance(schema, dict):
         return value
+    branches = [schema, *(_resolve_ref(root, b["$ref"]) if isinstance(b, dict) and "$ref" in b else b
+                          for b in [*schema.get("anyOf", []), *schema.get("oneOf", [])])]
     if isinstance(value, list):
-        return [_in_schema_order(v, schema.get("items")) for v in value]
+        return [_in_schema_order(v, schema.get("items"), root) for v in value]
     if not isinstance(value, dict):
         return value
-    branches = [schema, *schema.get("anyOf", []), *schema.get("oneOf", [])]
     declared = next((b["properties"] for b in branches if isinstance(b, dict) and isinstance(b.get("properties"), dict)
                      and set(value) <= set(b["properties"])), None)
     declared = declared or next((b["properties"] for b in branches if isinstance(b, dict)
                                  and isinstance(b.get("properties"), dict)), {})
     keys = [k for k in declared if k in value] + [k for k in value if k not in declared]
-    return {k: _in_schema_order(value[k], declared.get(k)) for k in keys}
+    return {k: _in_schema_order(value[k], declared.get(k), root) for k in keys}
+
+
+def _resolve_ref(root: Any, ref: str) -> Any:
+    """The part of ``root`` a local ``$ref`` (``#/$defs/x``) names, or None."""
+    target = root
+    for part in [p for p in ref.lstrip("#").split("/") if p]:
+        if not isinstance(target, dict):
+            return None
+        target = target.get(part.replace("~1", "/").replace("~0", "~"))
+    return target
 
 
 def _clip(text: str, n: int = 60) -> str:

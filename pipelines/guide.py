@@ -351,6 +351,58 @@ class Guide:
         state = self.advance(self.start, text)
         return state is not None and self.done(state)
 
+    def write(self, value: Any) -> str | None:
+        """``value`` as the JSON text this grammar lets a decoder write (compact; commas as ``","`` or,
+        in untyped parts, ``", "``), keys in the order ``value`` has them; None when the grammar
+        accepts no writing of it (e.g. keys out of the schema's order)."""
+        pieces = list(_pieces(value))
+
+        def walk(i: int, state: tuple) -> str | None:
+            text = []
+            while i < len(pieces) and pieces[i] is not _COMMA:
+                state = self.advance(state, pieces[i])
+                if state is None:
+                    return None
+                text.append(pieces[i])
+                i += 1
+            if i == len(pieces):
+                return "".join(text) if self.done(state) else None
+            for sep in (",", ", "):  # the wrong one fails at its next character: no real search
+                nxt = self.advance(state, sep)
+                rest = walk(i + 1, nxt) if nxt is not None else None
+                if rest is not None:
+                    return "".join(text) + sep + rest
+            return None
+
+        try:
+            return walk(0, self.start)
+        except RecursionError:  # thousands of commas: not an answer a guide decodes
+            return None
+
+
+_COMMA = object()  # where a member or item separator goes in ``_pieces``
+
+
+def _pieces(value: Any):
+    """Compact JSON of ``value`` in pieces, with ``_COMMA`` where a separator goes."""
+    if isinstance(value, dict):
+        yield "{"
+        for i, (k, v) in enumerate(value.items()):
+            if i:
+                yield _COMMA
+            yield json.dumps(str(k), ensure_ascii=False) + ":"
+            yield from _pieces(v)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for i, v in enumerate(value):
+            if i:
+                yield _COMMA
+            yield from _pieces(v)
+        yield "]"
+    else:
+        yield json.dumps(value, ensure_ascii=False)
+
 
 def guide_for(contract) -> str | None:
     """The guide spec (JSON text, for ``GenParams.guide``) that enforces ``contract`` while

@@ -191,3 +191,23 @@ def test_training_targets_are_written_as_the_guide_makes_the_model_write_them():
     for c, text in ((contract, '{"intent": "teleport"}'), (Contract(type="json", schema=schema), spaced),
                     (Contract(type="label", labels=["a", "b"], constrained_decoding=True), " a ")):
         assert Checker(c).as_decoded(text) == text
+
+
+def test_training_targets_follow_refs_and_untyped_parts_as_the_guide_writes_them():
+    """Keys reached through a local $ref are put in the referenced schema's order, and an untyped
+    value is written with xgrammar's ", " between its members: text the guide accepts."""
+    from pipelines.contract import Checker
+    from pipelines.spec import Contract
+
+    schema = {"type": "object", "required": ["order", "extra"], "additionalProperties": False,
+              "$defs": {"order": {"type": "object", "required": ["id", "items"], "additionalProperties": False,
+                                  "properties": {"id": {"type": "integer"}, "items": {"type": "array",
+                                                                                      "items": {"type": "string"}}}}},
+              "properties": {"order": {"$ref": "#/$defs/order"}, "extra": {}}}
+    contract = Contract(type="json", schema=schema, constrained_decoding=True)
+    guide = Guide.from_spec(guide_for(contract))
+    text = json.dumps({"extra": {"b": [1, 2], "a": "x, y"}, "order": {"items": ["a", "b"], "id": 7}}, indent=2)
+    decoded = Checker(contract).as_decoded(text)
+    assert decoded == '{"order":{"id":7,"items":["a","b"]},"extra":{"b":[1, 2], "a":"x, y"}}'
+    assert guide.accepts(decoded) and json.loads(decoded) == json.loads(text)
+    assert guide.write({"extra": 1, "order": {"id": 1, "items": []}}) is None  # keys out of the schema's order

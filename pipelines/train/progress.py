@@ -42,7 +42,7 @@ class Progress:
         try:
             while True:
                 try:
-                    event = self.target.get(timeout=0.2)
+                    event = self.target.get(timeout=1.0)  # each wait is a call to the queue actor
                 except Empty:
                     if self._stop.is_set():
                         return
