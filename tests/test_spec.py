@@ -220,7 +220,7 @@ REPAIR_MIX = ["train.repair_share=0.7"]
 # And: a canary is not served as LoRA beside production on CPU (LoRA decodes ~4x slower there).
 NOT_SHARED = ["deploy.share_base=false"]
 # And (2026-12-04): shorter trainings for the demo's time (the retrain continues from the first model).
-SHORTER_TRAININGS = ["train.max_steps=50", "loop.repair.max_steps=80"]
+SHORTER_TRAININGS = ["train.max_steps=50", "loop.repair.max_steps=60"]
 # And: one core per serving replica (production and canary side by side on 2 cores).
 ONE_THREAD_EACH = ["deploy.threads_per_replica=1"]
 
