@@ -162,34 +162,26 @@ def _in_schema_order(value: Any, schema: Any, root: Any = None) -> Any:
     """``value`` with each object's declared properties first, in the schema's order (the others after,
     as they were), following local ``$ref`` (into ``root``), ``properties``, ``items`` and the first
     ``anyOf``/``oneOf`` branch whose properties cover the object's keys."""
+    from pipelines.guide import resolve_local_ref
+
     for _ in range(32):  # a $ref chain; a cycle of bare refs gives up
         if not (isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#")):
             break
-        schema = _resolve_ref(root, schema["$ref"])
+        schema = resolve_local_ref(root, schema["$ref"])
     if not isinstance(schema, dict):
         return value
-    branches = [schema, *(_resolve_ref(root, b["$ref"]) if isinstance(b, dict) and "$ref" in b else b
-                          for b in [*schema.get("anyOf", []), *schema.get("oneOf", [])])]
     if isinstance(value, list):
         return [_in_schema_order(v, schema.get("items"), root) for v in value]
     if not isinstance(value, dict):
         return value
+    branches = [schema, *(resolve_local_ref(root, b["$ref"]) if isinstance(b, dict) and "$ref" in b else b
+                          for b in [*schema.get("anyOf", []), *schema.get("oneOf", [])])]
     declared = next((b["properties"] for b in branches if isinstance(b, dict) and isinstance(b.get("properties"), dict)
                      and set(value) <= set(b["properties"])), None)
     declared = declared or next((b["properties"] for b in branches if isinstance(b, dict)
                                  and isinstance(b.get("properties"), dict)), {})
     keys = [k for k in declared if k in value] + [k for k in value if k not in declared]
     return {k: _in_schema_order(value[k], declared.get(k), root) for k in keys}
-
-
-def _resolve_ref(root: Any, ref: str) -> Any:
-    """The part of ``root`` a local ``$ref`` (``#/$defs/x``) names, or None."""
-    target = root
-    for part in [p for p in ref.lstrip("#").split("/") if p]:
-        if not isinstance(target, dict):
-            return None
-        target = target.get(part.replace("~1", "/").replace("~0", "~"))
-    return target
 
 
 def _clip(text: str, n: int = 60) -> str:

@@ -161,12 +161,22 @@ class _Compiler:
             return self.refs[ref]
         if not ref.startswith("#"):
             raise ValueError(f"$ref {ref!r}: only local references (#/...) are supported")
-        target: Any = self.root
-        for part in [p for p in ref[1:].split("/") if p]:
-            target = target[part.replace("~1", "/").replace("~0", "~")]
+        target = resolve_local_ref(self.root, ref)
+        if target is None:
+            raise ValueError(f"$ref {ref!r}: names nothing in the schema")
         node = self.refs[ref] = Node()  # registered before compiling, so recursion terminates
         node.alts = self.node(target).alts
         return node
+
+
+def resolve_local_ref(root: Any, ref: str) -> Any:
+    """The part of ``root`` a local ``$ref`` (``#/$defs/x``, JSON Pointer escapes) names, or None."""
+    target = root
+    for part in [p for p in ref.lstrip("#").split("/") if p]:
+        if not isinstance(target, dict):
+            return None
+        target = target.get(part.replace("~1", "/").replace("~0", "~"))
+    return target
 
 
 # -- the automaton: a state is a tuple of possible stacks; a stack is a tuple of frames ---------

@@ -68,16 +68,16 @@ def cpu_threads_env(env: dict, threads: int | None, python: Path) -> dict[str, s
     replica's share) or the user's own ``VLLM_CPU_*`` settings win.
     """
     out: dict[str, str] = {}
-    env.pop("OMP_NUM_THREADS", None)  # Ray sets it to an actor's CPU share (often 1)
     if threads:
-        out["OMP_NUM_THREADS"] = str(threads)
-        out.setdefault("VLLM_CPU_OMP_THREADS_BIND", env.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
-    elif len(os.sched_getaffinity(0)) <= 4 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        out.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"))
+        if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            out["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # OMP_NUM_THREADS threads, placed by the OS
+    elif len(os.sched_getaffinity(0)) <= 4 and not {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"} & set(env):
+        out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     iomp = python.parent.parent / "lib" / "libiomp5.so"
     if iomp.exists() and not env.get("LD_PRELOAD"):
         out["LD_PRELOAD"] = str(iomp)
-        out["KMP_BLOCKTIME"] = env.get("KMP_BLOCKTIME", "5")  # idle threads sleep soon: cores are shared
+        if "KMP_BLOCKTIME" not in env:
+            out["KMP_BLOCKTIME"] = "5"  # idle threads sleep soon: cores are shared
     return out
 
 
@@ -157,6 +157,11 @@ class VLLMServer:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         cmd += list(extra_args)
         env.pop("PYTHONPATH", None)  # the server imports vLLM only, never this project's venv
+        # Ray sets OMP_NUM_THREADS to an actor's CPU share (often 1); the server's engine should use the
+        # cores unless told otherwise
+        env.pop("OMP_NUM_THREADS", None)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         if not gpu:
             env.update(cpu_threads_env(env, threads, py))
         self.cmd = cmd

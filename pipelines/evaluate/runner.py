@@ -38,20 +38,20 @@ def build_chats(examples: list[Example], *, system: str | None = None, strip_sys
     return chats
 
 
-def _free_first(engine, params: GenParams) -> bool:
-    """Greedy decoding under a guide we can check (``pipelines.guide``) on an engine that does not
-    report where the guide overrode the model (vLLM, a remote server): decode freely first."""
+def _checkable_guide(engine, params: GenParams) -> Guide | None:
+    """For greedy decoding under a guide we can check (``pipelines.guide``) on an engine that does
+    not report where the guide overrode the model (vLLM, a remote server): that guide, compiled;
+    eval then decodes freely first. Else None."""
     if not params.guide or params.temperature != 0 or params.stop or getattr(engine, "reports_guide_interventions", False):
-        return False
+        return None
     try:
-        Guide.from_spec(params.guide)
+        return Guide.from_spec(params.guide)
     except (ValueError, KeyError, TypeError):
-        return False
-    return True
+        return None
 
 
-def _guided_from_free(engine, chats, params: GenParams, *, recipe=None, fan_out=None) -> list:
-    """Each chat's output under ``params.guide`` with ``extra["guide_interventions"]``, decoding
+def _guided_from_free(engine, chats, params: GenParams, guide: Guide, *, recipe=None, fan_out=None) -> list:
+    """Each chat's output under ``params.guide`` (compiled: ``guide``) with ``extra["guide_interventions"]``, decoding
     every chat once without the guide and again with it only where the free output leaves the
     grammar. Under greedy decoding a free output that the grammar accepts at every character (and
     that ends where the grammar may end, or at the token limit) is exactly what the guided decode
@@ -60,7 +60,6 @@ def _guided_from_free(engine, chats, params: GenParams, *, recipe=None, fan_out=
     intervened, so the old way decoded every row twice)."""
     from pipelines import fanout
 
-    guide = Guide.from_spec(params.guide)
     outs = fanout.generate(engine, chats, replace(params, guide=None), recipe=recipe, policy=fan_out)
     redo = []
     for i, o in enumerate(outs):
@@ -85,8 +84,9 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
     from pipelines import fanout
 
     start = time.perf_counter()
-    if _free_first(engine, params):
-        outs = _guided_from_free(engine, chats, params, recipe=recipe, fan_out=fan_out)
+    guide = _checkable_guide(engine, params)
+    if guide is not None:
+        outs = _guided_from_free(engine, chats, params, guide, recipe=recipe, fan_out=fan_out)
         wall = time.perf_counter() - start
     else:
         outs = fanout.generate(engine, chats, params, recipe=recipe, policy=fan_out)
