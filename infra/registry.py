@@ -224,7 +224,7 @@ class Registry:
             task, alias = ref.split("@", 1)
             record = self.alias(check_task(task), check_alias(alias))
             if record is None or record["target"] is None:
-                raise RefError(f"ref {ref!r}: alias '{alias}' is not set for task '{task}'")
+                raise RefError(f"ref {ref!r}: alias '{alias}' is not set for task '{task}' in {self.uri}")
             return record["target"]
         self._manifest_key(ref)
         return ref

@@ -52,7 +52,7 @@ def eval_cmd(spec_file: Path = typer.Argument(..., metavar="SPEC", help="The spe
     from pipelines.spec import load_spec
 
     spec = load_spec(spec_file, set_ or [])
-    reg = open_registry(registry)
+    reg = open_registry(registry or spec.registry)
     log = (lambda *a: None) if as_json else (lambda msg: err.print(msg, highlight=False, markup=False))
     m = run(spec, reg, model, baseline or [], dataset=dataset, limit=limit, progress=not as_json, log=log)
     _, results = results_of(reg, m.id)
@@ -208,7 +208,7 @@ def gate_cmd(eval_ref: str = typer.Argument(..., metavar="EVAL_REF", help="An ev
     from pipelines.spec import load_spec
 
     spec = load_spec(spec_file, set_ or []) if spec_file else None
-    verdict, record = gate(open_registry(registry), eval_ref, spec)
+    verdict, record = gate(open_registry(registry or (spec.registry if spec else None)), eval_ref, spec)
 
     def human():
         for c in verdict["checks"]:

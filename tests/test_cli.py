@@ -126,3 +126,20 @@ def test_add_model_converts_a_real_gguf_once(tmp_path, smollm2_gguf):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = tok.decode(model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer  # the pretrained weights survived the conversion
+
+
+def test_commands_given_a_spec_use_its_registry(tmp_path):
+    """A spec's `registry:` is where eval and gate look, as train and factory do (eval once read only
+    --registry / $CRUCIBLE_REGISTRY and fell back to ./.crucible/registry)."""
+    spec = tmp_path / "spec.yaml"
+    (tmp_path / "held-out.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "where is my order"}, {"role": "assistant", "content": "track_order"}]}) + "\n")
+    spec.write_text(yaml.safe_dump({"task": "demo", "model": {"base": "org/model"},
+                                    "data": {"train": ["held-out.jsonl"], "eval": {"held-out": "held-out.jsonl"}},
+                                    "registry": f"file://{tmp_path}/team-registry"}))
+    env = {k: v for k, v in os.environ.items() if k != "CRUCIBLE_REGISTRY"}
+    for args in (["eval", str(spec), "--model", "demo@production"], ["gate", "eval-demo-20261204000000-0123abcd", str(spec)]):
+        proc = subprocess.run([str(CRUCIBLE), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0
+        assert f"file://{tmp_path}/team-registry" in proc.stderr, (args, proc.stderr)
