@@ -35,7 +35,7 @@ def examples(tok):
     return [encode_chat(tok, _chat(i)) for i in range(24)]
 
 
-def _model(tiny_model, lora: bool = False):
+def _model(tiny_model, lora: bool = False, **lora_keys):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def _model(tiny_model, lora: bool = False):
         from pipelines.train.model import apply_method
 
         t = spec_from_dict({"task": "t", "model": {"base": "x"},
-                            "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}).train
+                            "train": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, **lora_keys}}}).train
         m = apply_method(m, t)
         with torch.no_grad():  # LoRA B starts at zero; make the adapter matter to the gradient check
             for n, p in m.named_parameters():
@@ -188,3 +188,54 @@ def test_step_flops_matches_the_6n_rule_for_full_training(tiny_model):
     assert f == 6 * shape["body_params"] * 100
     lora = model_shape(_model(tiny_model, lora=True))
     assert 0 < lora["trainable_body_params"] < 0.2 * lora["body_params"]
+
+
+def test_last_layers_adapts_only_the_top_layers_and_backward_stops_there(tiny_model, tok, examples):
+    """lora.last_layers: 1 on the 2-layer model: adapters on every linear of layer 1 only; its
+    gradients are the ones all-layer LoRA computes for the same adapters (same loss), nothing
+    is recorded below it, and the step's FLOP count drops by layer 0's backward."""
+    from pipelines.train.model import _last_layers
+    from pipelines.train.perf import model_shape, step_flops
+
+    top, every = _model(tiny_model, lora=True, last_layers=1), _model(tiny_model, lora=True)
+    names = {n for n, p in top.named_parameters() if p.requires_grad}
+    assert names and all(".layers.1." in n for n in names)
+    linears = {n.split(".layers.1.")[1].split(".lora_")[0] for n in names}
+    assert linears == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    with torch.no_grad():  # the same adapter weights on layer 1 in both; layer 0's adapters stay zero
+        own = dict(every.named_parameters())
+        for n, p in own.items():
+            if ".layers.0." in n and "lora_B" in n:
+                p.zero_()
+        for n, p in top.named_parameters():
+            if p.requires_grad:
+                own[n].copy_(p)
+    batch = collate(pack(examples[:6], 512), tok.pad_token_id)
+    hidden_grad = {}
+
+    def record(_module, _args, out):  # returns None: the layer's output is left as it is
+        hidden_grad.setdefault("h", (out[0] if isinstance(out, tuple) else out).requires_grad)
+
+    top.get_base_model().model.layers[0].register_forward_hook(record)
+    losses = []
+    for m in (top, every):
+        loss = forward_sum(m, batch)[0]
+        loss.backward()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert hidden_grad["h"] is False  # layer 0 builds no graph: backward stops at layer 1
+    grads = dict(every.named_parameters())
+    for n, p in top.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[n].grad, atol=1e-6, rtol=1e-4), n
+    shape, full = model_shape(top), model_shape(every)
+    assert shape["backprop_layers"] == 1 and full["backprop_layers"] == 2
+    assert 0 < shape["backprop_body_params"] < full["backprop_body_params"] == full["body_params"]
+    assert step_flops(shape, tokens=100, label_tokens=0, attn_pairs=50) < \
+        step_flops(full, tokens=100, label_tokens=0, attn_pairs=50)
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match=r"train.lora.last_layers: 3 is more than the model's 2 layers"):
+        _last_layers(AutoModelForCausalLM.from_pretrained(tiny_model), spec_from_dict(
+            {"task": "t", "model": {"base": "x"}, "train": {"lora": {"last_layers": 3}}}).train.lora)

@@ -91,14 +91,36 @@ def apply_method(model, train, *, resized_vocab: bool = False):
 
     if train.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    targets, layers = train.lora.target_modules, None
+    if train.lora.last_layers:
+        targets, layers = _last_layers(model, train.lora)
     cfg = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
-                     target_modules=train.lora.target_modules, task_type="CAUSAL_LM",
+                     target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM",
                      # new chat tokens need trained embeddings, or the model can never emit them
                      modules_to_save=["embed_tokens", "lm_head"] if resized_vocab else None)
     model = get_peft_model(model, cfg)
     if train.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
+
+
+def _last_layers(model, lora) -> tuple[list[str], list[int]]:
+    """(target module names, layer indices) for ``train.lora.last_layers``. PEFT takes a layer list
+    only with named targets, so ``all-linear`` becomes the names of the decoder layers' linears."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    blocks = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if blocks is None:
+        raise ValueError(f"train.lora.last_layers: cannot find the decoder layers of {type(model).__name__}")
+    n = len(blocks)
+    if lora.last_layers > n:
+        raise ValueError(f"train.lora.last_layers: {lora.last_layers} is more than the model's {n} layers")
+    targets = lora.target_modules
+    if targets == "all-linear":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
+                          if isinstance(m, torch.nn.Linear)})
+    return targets, list(range(n - lora.last_layers, n))
 
 
 def trainable_parameters(model) -> list[tuple[str, Any]]:

@@ -7,9 +7,11 @@ clearly faster than fp32 (CPUs with AVX512-BF16/AMX, GPUs) and fp32 where bf16 i
 (AVX2-only CPUs run bf16 matmuls tens of times slower than fp32).
 
 MFU follows nanoGPT/PaLM: model FLOPs per token ÷ measured peak. We count the FLOPs the step
-really needs: forward 2·N per token through the body, backward 2·N for the activation gradients
-plus 2·N_trainable for the weight gradients, attention scores 12·L·d·T (fwd+bwd), and the LM head
-only at the positions that have a label (that is all we compute it for).
+really needs: forward 2·N per token through the body, backward 2·N_bp for the activation gradients
+(N_bp: the body from the lowest layer with a trainable parameter up; all of it but under
+``lora.last_layers``) plus 2·N_trainable for the weight gradients, attention scores 4·L·d·T
+forward and 8·L_bp·d·T backward, and the LM head only at the positions that have a label (that is
+all we compute it for).
 """
 
 from __future__ import annotations
@@ -136,8 +138,16 @@ def model_shape(model) -> dict:
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
     head_trainable = head is not None and any(p.requires_grad for p in head.parameters())
+    # backward runs down to the lowest layer that trains (autograd records nothing below it)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    blocks = list(getattr(decoder, "layers", None) or getattr(decoder, "h", None) or [])
+    trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
+    emb_trainable = emb is not None and any(p.requires_grad for p in emb.parameters())
+    first = 0 if emb_trainable or not any(trains) else trains.index(True)
+    below = sum(p.numel() for b in blocks[:first] for p in b.parameters())
     return {"body_params": body, "trainable_body_params": trainable, "layers": layers, "hidden": hidden,
-            "vocab": head.weight.shape[0] if head is not None else 0, "head_trainable": head_trainable}
+            "vocab": head.weight.shape[0] if head is not None else 0, "head_trainable": head_trainable,
+            "backprop_body_params": body - below, "backprop_layers": layers - first}
 
 
 def step_flops(shape: dict, *, tokens: int, label_tokens: int, attn_pairs: int) -> float:
@@ -145,7 +155,8 @@ def step_flops(shape: dict, *, tokens: int, label_tokens: int, attn_pairs: int) 
     ``label_tokens`` of them through the LM head, ``attn_pairs`` (query, key) pairs a causal
     mask allows (sum over examples of n(n+1)/2)."""
     n, nt = shape["body_params"], shape["trainable_body_params"]
-    body = (4 * n + 2 * nt) * tokens
-    attention = 12 * shape["layers"] * shape["hidden"] * attn_pairs
+    n_bp, layers_bp = shape.get("backprop_body_params", n), shape.get("backprop_layers", shape["layers"])
+    body = (2 * n + 2 * n_bp + 2 * nt) * tokens
+    attention = (4 * shape["layers"] + 8 * layers_bp) * shape["hidden"] * attn_pairs
     head = (6 if shape["head_trainable"] else 4) * shape["vocab"] * shape["hidden"] * label_tokens
     return float(body + attention + head)
