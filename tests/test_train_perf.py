@@ -194,7 +194,7 @@ def test_last_layers_adapts_only_the_top_layers_and_backward_stops_there(tiny_mo
     """lora.last_layers: 1 on the 2-layer model: adapters on every linear of layer 1 only; its
     gradients are the ones all-layer LoRA computes for the same adapters (same loss), nothing
     is recorded below it, and the step's FLOP count drops by layer 0's backward."""
-    from pipelines.train.model import _last_layers
+    from pipelines.train.model import last_layer_targets
     from pipelines.train.perf import model_shape, step_flops
 
     top, every = _model(tiny_model, lora=True, last_layers=1), _model(tiny_model, lora=True)
@@ -237,5 +237,5 @@ def test_last_layers_adapts_only_the_top_layers_and_backward_stops_there(tiny_mo
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(ValueError, match=r"train.lora.last_layers: 3 is more than the model's 2 layers"):
-        _last_layers(AutoModelForCausalLM.from_pretrained(tiny_model), spec_from_dict(
+        last_layer_targets(AutoModelForCausalLM.from_pretrained(tiny_model), spec_from_dict(
             {"task": "t", "model": {"base": "x"}, "train": {"lora": {"last_layers": 3}}}).train.lora)

@@ -66,6 +66,9 @@ def test_server_engine_matches_hf_greedy_free_and_under_a_json_schema(models):
         assert reg.get(engine.resolved.ref).inputs["merged_from"] == ref
         v_free, v_guided = engine.generate(cs, free), engine.generate(cs, guided)
         v_rows, _ = generate_rows(engine, examples, cs, checker, guided)
+        # a free decode streamed and cut where it leaves the grammar: eval's free-first pass
+        longer = GenParams(max_new_tokens=24)
+        whole, cut = engine.generate(cs, longer), engine.generate(cs, GenParams(max_new_tokens=24, stop_outside=guide))
     finally:
         engine.close()
     assert engine.server.proc.poll() is not None, "close() stops the server"
@@ -86,6 +89,16 @@ def test_server_engine_matches_hf_greedy_free_and_under_a_json_schema(models):
     assert [r["output"] for r in v_rows] == [r["output"] for r in h_rows]
     assert [r["guide_interventions"] > 0 for r in v_rows] == [r["guide_interventions"] > 0 for r in h_rows]
     assert any(r["guide_interventions"] for r in v_rows)
+    left = [g.advance(g.start, w.text) is None for w in whole]
+    assert any(left)
+    for w, c, out in zip(whole, cut, left):
+        assert w.text.startswith(c.text)
+        if out:  # cut at the token that left the grammar, the request aborted
+            assert c.extra["left_guide"] and g.advance(g.start, c.text) is None
+            assert c.completion_tokens < w.completion_tokens or len(c.text) == len(w.text)
+        else:
+            assert c.text == w.text and c.completion_tokens == w.completion_tokens and "left_guide" not in c.extra
+    assert sum(c.completion_tokens for c in cut) < sum(w.completion_tokens for w in whole)
 
 
 def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monkeypatch):

@@ -31,6 +31,10 @@ class GenParams:
     # per-token log-probabilities: None (off) or how many alternatives to list per token (0 = the chosen
     # token only); they land in ``Completion.extra["logprobs"]`` as OpenAI's ``logprobs.content`` entries
     logprobs: int | None = None
+    # for a free decode (no ``guide``): stop as soon as the output leaves this grammar (JSON as in
+    # ``guide``). Eval's free-first pass only needs to know whether it left; an engine that cannot
+    # stop early decodes to the end, which gives the same verdict
+    stop_outside: str | None = None
 
 
 @dataclass

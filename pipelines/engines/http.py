@@ -8,6 +8,7 @@ other 4xx are the caller's mistake and fail at once with the server's message.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -88,11 +89,20 @@ class HTTPEngine:
         import httpx
 
         body = self._body(chat, params, index)
+        watch = _compiled(params.stop_outside) if params.stop_outside and not params.guide else None
+        if watch is not None:
+            body.update(stream=True, stream_options={"include_usage": True})
         last = ""
         for attempt in range(self.retries + 1):
             start = time.perf_counter()
             try:
-                r = self._client.post(self.url, json=body)
+                if watch is not None:
+                    with self._client.stream("POST", self.url, json=body) as r:
+                        if r.status_code == 200:
+                            return _watched(r, watch, start, attempt)
+                        r.read()
+                else:
+                    r = self._client.post(self.url, json=body)
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 last = f"{type(e).__name__}: {e}"
                 self._sleep(attempt, None)
@@ -113,6 +123,41 @@ class HTTPEngine:
         except ValueError:
             delay = self.backoff_s * 2 ** attempt
         time.sleep(min(delay, 30.0) * (1 + 0.1 * random.random()))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(guide: str):
+    from pipelines.guide import Guide
+
+    return Guide.from_spec(guide)
+
+
+def _watched(response, guide, start: float, attempt: int) -> Completion:
+    """A streamed completion read until its text leaves ``guide``; then the stream is closed (the
+    server aborts the request) and the text so far is the answer, ``extra["left_guide"]`` set."""
+    text, state, reason, usage, pieces = "", guide.start, "stop", {}, 0
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = (choice.get("delta") or {}).get("content") or ""
+            if delta:
+                text, pieces = text + delta, pieces + 1
+                state = guide.advance(state, delta) if state is not None else None
+            reason = choice.get("finish_reason") or reason
+        if state is None:
+            response.close()
+            return Completion(text=text, completion_tokens=pieces, finish_reason="stop",
+                              latency_s=time.perf_counter() - start, extra={"retries": attempt, "left_guide": True})
+    return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                      completion_tokens=int(usage.get("completion_tokens", pieces)),
+                      finish_reason="length" if reason == "length" else "stop",
+                      latency_s=time.perf_counter() - start, extra={"retries": attempt})
 
 
 def _parse(data: dict, latency: float, attempt: int) -> Completion:

@@ -60,7 +60,10 @@ def _guided_from_free(engine, chats, params: GenParams, guide: Guide, *, recipe=
     intervened, so the old way decoded every row twice)."""
     from pipelines import fanout
 
-    outs = fanout.generate(engine, chats, replace(params, guide=None), recipe=recipe, policy=fan_out)
+    # free, but cut where it leaves the grammar (streamed, on engines that can): a base model that
+    # writes prose leaves at its first token, and only that verdict is wanted from it
+    outs = fanout.generate(engine, chats, replace(params, guide=None, stop_outside=params.guide), recipe=recipe,
+                           policy=fan_out)
     redo = []
     for i, o in enumerate(outs):
         state = guide.advance(guide.start, o.text)

@@ -93,7 +93,7 @@ def apply_method(model, train, *, resized_vocab: bool = False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
     targets, layers = train.lora.target_modules, None
     if train.lora.last_layers:
-        targets, layers = _last_layers(model, train.lora)
+        targets, layers = last_layer_targets(model, train.lora)
     cfg = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM",
                      # new chat tokens need trained embeddings, or the model can never emit them
@@ -104,7 +104,7 @@ def apply_method(model, train, *, resized_vocab: bool = False):
     return model
 
 
-def _last_layers(model, lora) -> tuple[list[str], list[int]]:
+def last_layer_targets(model, lora) -> tuple[list[str], list[int]]:
     """(target module names, layer indices) for ``train.lora.last_layers``. PEFT takes a layer list
     only with named targets, so ``all-linear`` becomes the names of the decoder layers' linears."""
     import torch
