@@ -65,7 +65,7 @@ bench:
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.serve_vllm
 
-# The support-triage specialist end to end on SmolLM2-135M (CPU, ~32 min on 2 cores); see examples/support-triage.
+# The support-triage specialist end to end on SmolLM2-135M (CPU, ~23 min on 2 cores); see examples/support-triage.
 demo:
 	$(BIN)/python examples/support-triage/demo.py
 
