@@ -98,6 +98,14 @@ def _mapped(fn: Callable, args, kwargs, as_json: bool):
         _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
     except StoreError as e:
         _fail(EXIT_CHECK_FAILED, str(e), [], as_json)
+    except OSError as e:
+        if "huggingface.co" not in str(e):  # transformers' "not on the hub" is a bare OSError
+            raise
+        _fail(EXIT_BAD_INPUT, "a model name was looked up on the Hugging Face hub and not found there: "
+              + str(e).splitlines()[0],
+              ["a model (--model, model.base, a baseline) that is neither a local folder nor a registry ref "
+               "(<kind>-<task>-<stamp>-<hex> or TASK@ALIAS) is a hub name: check its spelling and the registry, "
+               "or the network (with HF_HUB_OFFLINE=1 only the local cache is read)"], as_json)
 
 
 # The results of the --json command in flight (None when none is): ``emit`` and ``_fail`` put

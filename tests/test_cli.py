@@ -143,3 +143,8 @@ def test_commands_given_a_spec_use_its_registry(tmp_path):
                               timeout=120)
         assert proc.returncode != 0
         assert f"file://{tmp_path}/team-registry" in proc.stderr, (args, proc.stderr)
+    # a name that is neither a folder nor a registry ref is a hub name; not found there: an error, no traceback
+    proc = subprocess.run([str(CRUCIBLE), "eval", str(spec), "--model", "model-demo-misspelt"], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "looked up on the Hugging Face hub" in proc.stderr and "registry ref" in proc.stderr
