@@ -22,6 +22,7 @@ until it runs out of tokens. One quirk is xgrammar's own: an untyped value (``{}
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -427,3 +428,10 @@ def guide_for(contract) -> str | None:
         return json.dumps({"json_schema": _schema_of(contract)})
     raise ValueError(f"contract.constrained_decoding: not available for contract type {contract.type!r} "
                      "(json and label only)")
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(guide: str) -> Guide:
+    """``Guide.from_spec`` of a ``GenParams.guide`` string, compiled once per process (a few kept):
+    eval's checks and the http engine's streamed free decode use the same one."""
+    return Guide.from_spec(guide)

@@ -8,7 +8,6 @@ other 4xx are the caller's mistake and fail at once with the server's message.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -89,7 +88,11 @@ class HTTPEngine:
         import httpx
 
         body = self._body(chat, params, index)
-        watch = _compiled(params.stop_outside) if params.stop_outside and not params.guide else None
+        watch = None
+        if params.stop_outside and not params.guide:
+            from pipelines.guide import compiled
+
+            watch = compiled(params.stop_outside)
         if watch is not None:
             body.update(stream=True, stream_options={"include_usage": True})
         last = ""
@@ -123,13 +126,6 @@ class HTTPEngine:
         except ValueError:
             delay = self.backoff_s * 2 ** attempt
         time.sleep(min(delay, 30.0) * (1 + 0.1 * random.random()))
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(guide: str):
-    from pipelines.guide import Guide
-
-    return Guide.from_spec(guide)
 
 
 def _watched(response, guide, start: float, attempt: int) -> Completion:

@@ -10,7 +10,7 @@ from typing import Any
 from pipelines.engines import GenParams
 from pipelines.evaluate import metrics as M
 from pipelines.evaluate.rows import Example, reference_text, without_system
-from pipelines.guide import Guide
+from pipelines.guide import Guide, compiled
 from pipelines.templates import with_system_prompt
 
 PERF_LOWER_IS_BETTER = ("latency_p50_s", "latency_p95_s")
@@ -45,7 +45,7 @@ def _checkable_guide(engine, params: GenParams) -> Guide | None:
     if not params.guide or params.temperature != 0 or params.stop or getattr(engine, "reports_guide_interventions", False):
         return None
     try:
-        return Guide.from_spec(params.guide)
+        return compiled(params.guide)
     except (ValueError, KeyError, TypeError):
         return None
 

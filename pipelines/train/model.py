@@ -109,9 +109,8 @@ def last_layer_targets(model, lora) -> tuple[list[str], list[int]]:
     only with named targets, so ``all-linear`` becomes the names of the decoder layers' linears."""
     import torch
 
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    blocks = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    if blocks is None:
+    blocks = decoder_layers(model)
+    if not blocks:
         raise ValueError(f"train.lora.last_layers: cannot find the decoder layers of {type(model).__name__}")
     n = len(blocks)
     if lora.last_layers > n:
@@ -121,6 +120,12 @@ def last_layer_targets(model, lora) -> tuple[list[str], list[int]]:
         targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules()
                           if isinstance(m, torch.nn.Linear)})
     return targets, list(range(n - lora.last_layers, n))
+
+
+def decoder_layers(model) -> list:
+    """The decoder's blocks (``layers``, or GPT-2's ``h``); empty for a model whose blocks we do not know."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return list(getattr(decoder, "layers", None) or getattr(decoder, "h", None) or [])
 
 
 def trainable_parameters(model) -> list[tuple[str, Any]]:

@@ -139,8 +139,9 @@ def model_shape(model) -> dict:
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
     head_trainable = head is not None and any(p.requires_grad for p in head.parameters())
     # backward runs down to the lowest layer that trains (autograd records nothing below it)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    blocks = list(getattr(decoder, "layers", None) or getattr(decoder, "h", None) or [])
+    from pipelines.train.model import decoder_layers
+
+    blocks = decoder_layers(base)
     trains = [any(p.requires_grad for p in b.parameters()) for b in blocks]
     emb_trainable = emb is not None and any(p.requires_grad for p in emb.parameters())
     first = 0 if emb_trainable or not any(trains) else trains.index(True)
