@@ -120,6 +120,7 @@ class VLLMServer:
         if py is None or not py.exists():
             raise FileNotFoundError("vLLM server: no vLLM venv (run `make setup-vllm` or set CRUCIBLE_VLLM_PYTHON)")
         self.served_name = served_name
+        self.max_num_seqs = max_num_seqs
         self.loras = dict(loras or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -282,7 +283,7 @@ class VLLMServerEngine:
     name = "vllm"
 
     def __init__(self, model: str, registry=None, *, adapter: str | None = None, max_model_len: int = 2048,
-                 dtype: str = "auto", trust_remote_code: bool = False, concurrency: int = 32,
+                 dtype: str = "auto", trust_remote_code: bool = False, concurrency: int | None = None,
                  merge_adapter: bool = True, **server_kwargs):
         from pipelines.engines.http import HTTPEngine
         from pipelines.engines.loading import resolve_model
@@ -301,8 +302,10 @@ class VLLMServerEngine:
             loras = {"adapter": str(resolved.path)}
         self.server = VLLMServer(base, tokenizer=resolved.tokenizer_path, loras=loras, max_model_len=max_model_len,
                                  dtype=dtype, trust_remote_code=trust_remote_code, **server_kwargs)
+        # as many requests in flight as the server schedules at once (``max_num_seqs``): fewer leaves
+        # a second, small wave at the end of a set (40 rows at 32: 4.3 examples/s; at 64: 5.9)
         self.http = HTTPEngine(self.server.url, "adapter" if loras else self.server.served_name,
-                               concurrency=concurrency, retries=1, timeout_s=900.0)
+                               concurrency=concurrency or self.server.max_num_seqs, retries=1, timeout_s=900.0)
 
     def render(self, chat: Chat) -> str:
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
