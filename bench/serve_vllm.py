@@ -10,9 +10,10 @@
   router, the replica and the hops between them add. ``serve_floor_ms``: the same two Serve hops with
   no work in them, measured in the same run (the part of the overhead Serve itself costs here).
 - ``eval``: what ``crucible eval`` does with a set (the rows under the contract, and the model's
-  own validity without it), by the engine ``auto`` picks (vLLM here) and by the HF engine:
-  examples/s ratio (goal ≥ 3) and whether the metrics agree (valid rate, unconstrained valid rate,
-  intent accuracy, identical outputs). A fine-tuned model: ``--model DIR --system PROMPT``.
+  own validity without it), by the engine ``auto`` picks (vLLM here) and by the HF engine, in
+  ``--eval-rounds`` rounds of ``--n`` fresh rows, the engines alternating: examples/s ratio (goal ≥ 3),
+  whether the metrics agree (valid rate, unconstrained valid rate, intent accuracy, identical outputs)
+  and each engine's share of the node's fp32 matmul peak. A fine-tuned model: ``--model DIR --system PROMPT``.
 
     python -m bench.serve_vllm [--model DIR | --toy] [--n 100] [--max-tokens 64] [--out bench/results]
     python -m bench.serve_vllm --small --part serve      # the test size (tests/test_bench.py)
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -317,47 +319,89 @@ def _timing(header: str) -> dict[str, float]:
     return out
 
 
+def forward_flops(model: Path, prompt_tokens: int, completion_tokens: int) -> float:
+    """Model FLOPs of generating: every prompt and generated position through the body (2 per
+    parameter), one row of logits per generated token (the LM head), attention ignored (short rows)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((model / "config.json").read_text())
+    total = 0
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()
+                         if "embed_tokens" not in k and "lm_head" not in k)
+    head = cfg["vocab_size"] * cfg["hidden_size"]
+    return 2.0 * total * (prompt_tokens + completion_tokens) + 2.0 * head * completion_tokens
+
+
 def bench_eval(args, model: Path) -> dict:
     """What ``crucible eval`` does per set (``runner.generate_rows``: the rows under the contract and
-    the model's own validity without it), timed end to end, on the engine ``auto`` picks and on HF."""
+    the model's own validity without it), timed end to end, on the engine ``auto`` picks and on HF.
+
+    ``--eval-rounds`` rounds, each on ``--n`` rows of its own (a row seen twice would hit vLLM's prefix
+    cache), the two engines alternating which goes first, both loaded throughout: a slow moment of a
+    shared host falls on both sides, and the figure is their total time over every round."""
     from pipelines.contract import Checker
     from pipelines.engines import GenParams, get_engine
     from pipelines.evaluate.rows import Example
     from pipelines.evaluate.runner import generate_rows
+    from pipelines.modeling import load_tokenizer
     from pipelines.spec import Contract
+    from pipelines.train.perf import peak_flops
 
-    rs = rows(args.n)
-    cs = chats(rs, args.system)
-    examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs)]
+    rs = rows(args.n * args.eval_rounds + 2)
+    cs, warm, rs = chats(rs[:-2], args.system), chats(rs[-2:], args.system), rs[:-2]
     checker = Checker(Contract(type="json", schema=SCHEMA, constrained_decoding=True))
     params = GenParams(max_new_tokens=args.max_tokens, guide=json.dumps({"json_schema": SCHEMA}))
-    out = {}
-    texts = {}
+    engines, load = {}, {}
     for name in ("auto", "hf"):
         t0 = time.perf_counter()
-        engine = get_engine(name, model=str(model), batch_size=args.batch_size)
-        load_s = time.perf_counter() - t0
-        engine.generate(cs[:2], params)  # warm-up (the guide's vocabulary walk, the server's first batch)
-        t0 = time.perf_counter()
-        got, _ = generate_rows(engine, examples, cs, checker, params)
-        s = time.perf_counter() - t0
+        engines[name] = get_engine(name, model=str(model), batch_size=args.batch_size)
+        load[name] = round(time.perf_counter() - t0, 1)
+        engines[name].generate(warm, params)  # warm-up (the guide's vocabulary walk, the server's first batch)
+    seconds = {"auto": [], "hf": []}
+    got = {"auto": [], "hf": []}
+    for rd in range(args.eval_rounds):
+        part = slice(rd * args.n, (rd + 1) * args.n)
+        examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs[part])]
+        for name in (("auto", "hf") if rd % 2 == 0 else ("hf", "auto")):
+            t0 = time.perf_counter()
+            out, _ = generate_rows(engines[name], examples, cs[part], checker, params)
+            seconds[name].append(round(time.perf_counter() - t0, 2))
+            got[name] += out
+    tok = load_tokenizer(str(model))
+    prompt_tokens = sum(len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False)["input_ids"]) for c in cs)
+    peak = peak_flops("fp32")
+    out = {}
+    for name, engine in engines.items():
+        rows_ = got[name]
         intent = [bool(r["valid"] and isinstance(v := checker.check(r["output"]).value, dict) and v.get("intent") == x["intent"])
-                  for r, x in zip(got, rs)]
-        texts[name] = [r["output"] for r in got]
-        out[name] = {"engine": engine.name, "load_s": round(load_s, 1), "seconds": round(s, 2),
-                     "examples_per_s": round(len(cs) / s, 3),
-                     "completion_tokens": sum(r["completion_tokens"] for r in got),
-                     "valid_rate": round(sum(r["valid"] for r in got) / len(cs), 3),
+                  for r, x in zip(rows_, rs)]
+        total = sum(seconds[name])
+        completion = sum(r["completion_tokens"] for r in rows_)
+        flops = forward_flops(model, prompt_tokens, completion)
+        out[name] = {"engine": engine.name, "load_s": load[name], "seconds": round(total, 2),
+                     "seconds_per_round": seconds[name], "examples_per_s": round(len(cs) / total, 3),
+                     "prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                     "model_gflop": round(flops / 1e9), "share_of_matmul_peak": round(flops / total / peak, 3),
+                     "valid_rate": round(sum(r["valid"] for r in rows_) / len(cs), 3),
                      "unconstrained_valid_rate": round(sum(r["valid"] and not r["guide_interventions"]
-                                                           for r in got) / len(cs), 3),
+                                                           for r in rows_) / len(cs), 3),
                      "intent_accuracy": round(sum(intent) / len(cs), 3)}
         if hasattr(engine, "close"):
             engine.close()
-        del engine
-    same = sum(a == b for a, b in zip(texts["auto"], texts["hf"])) / len(cs)
-    return {"setup": {"rows": len(cs), "max_new_tokens": args.max_tokens, "hf_batch_size": args.batch_size,
-                      "guide": "support-triage JSON schema", "timed": "runner.generate_rows, as crucible eval"},
+    engines.clear()
+    same = sum(a["output"] == b["output"] for a, b in zip(got["auto"], got["hf"])) / len(cs)
+    per_round = [round(h / a, 3) for a, h in zip(seconds["auto"], seconds["hf"])]
+    return {"setup": {"rows": len(cs), "rounds": args.eval_rounds, "rows_per_round": args.n,
+                      "max_new_tokens": args.max_tokens, "hf_batch_size": args.batch_size,
+                      "guide": "support-triage JSON schema", "timed": "runner.generate_rows, as crucible eval",
+                      "fp32_matmul_peak_gflops": round(peak / 1e9)},
             **out, "examples_per_s_ratio_vllm_vs_hf": round(out["auto"]["examples_per_s"] / out["hf"]["examples_per_s"], 3),
+            "ratio_per_round": per_round,
+            # the ratio were vLLM to compute the same model FLOPs at the node's fp32 matmul peak
+            "ratio_ceiling_at_peak": round(out["hf"]["seconds"] / (out["auto"]["model_gflop"] * 1e9 / peak), 2),
             "same_output_rate": round(same, 3),
             "metrics_agree": all(abs(out["auto"][k] - out["hf"][k]) <= 0.05
                                  for k in ("valid_rate", "unconstrained_valid_rate", "intent_accuracy"))}
@@ -374,6 +418,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16, help="the HF engine's batch size in the eval part")
+    ap.add_argument("--eval-rounds", type=int, default=3,
+                    help="eval part: rounds of --n fresh rows each, the engines alternating order")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--system", default=SYSTEM, help="the system prompt of every chat (a fine-tuned model's own)")
     ap.add_argument("--part", choices=("serve", "eval", "both"), default="both")
@@ -381,7 +427,7 @@ def main() -> None:
                     help="the test size: --toy, 8 requests of 8 tokens, one round, 2 warm-up requests")
     args = ap.parse_args()
     if args.small:
-        args.toy, args.n, args.max_tokens, args.rounds, args.warmup = True, 8, 8, 1, 2
+        args.toy, args.n, args.max_tokens, args.rounds, args.warmup, args.eval_rounds = True, 8, 8, 1, 2, 1
     from bench.run import local_env, machine, save
     from pipelines.engines.vllm_server import vllm_python
 
