@@ -148,6 +148,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         urls = {"bare": bare.url, "crucible": f"http://127.0.0.1:{port}"}
         lat = {k: [] for k in urls}
         overhead: list[float] = []  # crucible: client latency minus the engine's time
+        outside: list[float] = []  # of that, the part outside the router's handler (proxy, HTTP server)
         info = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()
         procs = _components(bare.proc.pid, info["server_pid"])
         cpu = {k: dict.fromkeys(procs[k], 0.0) for k in procs}
@@ -163,14 +164,16 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                     r = await clients[k].post("/v1/chat/completions", json=bodies[k](messages[i]))
                     took = time.perf_counter() - t
                     r.raise_for_status()
-                    engine = _timing(r.headers.get("server-timing", "")).get("engine")
-                    if engine is not None:
-                        overhead.append(took - engine / 1000)
+                    timing = _timing(r.headers.get("server-timing", ""))
+                    if timing.get("engine") is not None:
+                        overhead.append(took - timing["engine"] / 1000)
+                        outside.append(took - timing["router"] / 1000)
                     return took, r.json()["choices"][0]["message"]["content"]
 
                 for k in urls:  # warm-up
                     await asyncio.gather(*(one(k, i % len(messages)) for i in range(args.warmup)))
                 overhead.clear()
+                outside.clear()
                 per = -(-len(messages) // args.rounds)
                 for rd in range(args.rounds):
                     idx = list(range(rd * per, min(len(messages), (rd + 1) * per)))
@@ -218,6 +221,11 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
             "router_overhead_p50_ms": round(percentile([x * 1000 for x in overhead], 50), 2) if overhead else None,
             "router_overhead_p95_ms": round(percentile([x * 1000 for x in overhead], 95), 2) if overhead else None,
+            # the overhead's split: before and after the router's handler (proxy, HTTP parsing, the
+            # response's way back) and inside it (the router's work, the hop to the replica, the replica's)
+            "overhead_outside_router_p50_ms": round(percentile([x * 1000 for x in outside], 50), 2) if outside else None,
+            "overhead_inside_router_p50_ms": round(percentile([(o - x) * 1000 for o, x in zip(overhead, outside)], 50), 2)
+            if outside else None,
             "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"],
             "serve_floor_ms": floor}
 

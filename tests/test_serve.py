@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -539,3 +540,48 @@ def test_prometheus_metrics_on_rays_metrics_port(app):
     assert any(line.startswith("ray_crucible_request_latency_seconds_bucket{") and 'le="+Inf"' in line
                for line in lines)
     assert any(line.startswith("ray_crucible_completion_tokens") for line in lines)
+
+
+def _tcp_listeners() -> dict[int, tuple[str, int]]:
+    """Listening TCP sockets of this host: inode -> (address, port), from /proc/net/tcp{,6}."""
+    import ipaddress
+
+    out = {}
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[int(f[9])] = (str(ipaddress.ip_address(raw)), int(hexport, 16))
+    return out
+
+
+def test_http_ingress_is_haproxy_on_loopback_only(app):
+    """Local mode serves HTTP through Serve's HAProxy (infra.ray_env.serve_fast_path_env); every
+    socket it listens on is on 127.0.0.1 and its admin socket is its user's alone."""
+    import os
+    import stat
+
+    port = int(app["url"].rsplit(":", 1)[1])
+    listeners = _tcp_listeners()
+    ours = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "haproxy":
+                continue
+            inodes = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        socks = [listeners[int(i[8:-1])] for i in inodes if i.startswith("socket:[") and int(i[8:-1]) in listeners]
+        if ("127.0.0.1", port) in socks:
+            ours[pid] = (socks, Path(argv[argv.index("-f") + 1]))
+    assert ours, f"no haproxy process listens on the app's port {port}"
+    for socks, cfg in ours.values():
+        assert {addr for addr, _ in socks} == {"127.0.0.1"}, socks  # metrics and stats frontends too
+        admin = cfg.parent / "admin.sock"
+        assert stat.S_IMODE(admin.stat().st_mode) & 0o077 == 0, oct(admin.stat().st_mode)
