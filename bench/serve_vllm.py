@@ -327,19 +327,18 @@ def _timing(header: str) -> dict[str, float]:
     return out
 
 
-def forward_flops(model: Path, prompt_tokens: int, completion_tokens: int) -> float:
-    """Model FLOPs of generating: every prompt and generated position through the body (2 per
-    parameter), one row of logits per generated token (the LM head), attention ignored (short rows)."""
+def body_and_head_params(model: Path) -> tuple[int, int]:
+    """Parameters of the body (without embeddings and LM head), from the safetensors headers, and of
+    the LM head (vocab × hidden): what generating costs, 2 FLOPs per parameter and position."""
     from safetensors import safe_open
 
     cfg = json.loads((model / "config.json").read_text())
-    total = 0
+    body = 0
     for f in model.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()
-                         if "embed_tokens" not in k and "lm_head" not in k)
-    head = cfg["vocab_size"] * cfg["hidden_size"]
-    return 2.0 * total * (prompt_tokens + completion_tokens) + 2.0 * head * completion_tokens
+            body += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys()
+                        if "embed_tokens" not in k and "lm_head" not in k)
+    return body, cfg["vocab_size"] * cfg["hidden_size"]
 
 
 def bench_eval(args, model: Path) -> dict:
@@ -374,28 +373,31 @@ def bench_eval(args, model: Path) -> dict:
         examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs[part])]
         for name in (("auto", "hf") if rd % 2 == 0 else ("hf", "auto")):
             t0 = time.perf_counter()
-            out, _ = generate_rows(engines[name], examples, cs[part], checker, params)
+            answered, _ = generate_rows(engines[name], examples, cs[part], checker, params)
             seconds[name].append(round(time.perf_counter() - t0, 2))
-            got[name] += out
+            got[name] += answered
     tok = load_tokenizer(str(model))
     prompt_tokens = sum(len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]) for c in cs)
     peak = peak_flops("fp32")
+    body, head = body_and_head_params(model)
     out = {}
     for name, engine in engines.items():
-        rows_ = got[name]
+        answered = got[name]
         intent = [bool(r["valid"] and isinstance(v := checker.check(r["output"]).value, dict) and v.get("intent") == x["intent"])
-                  for r, x in zip(rows_, rs)]
+                  for r, x in zip(answered, rs)]
         total = sum(seconds[name])
-        completion = sum(r["completion_tokens"] for r in rows_)
-        flops = forward_flops(model, prompt_tokens, completion)
+        completion = sum(r["completion_tokens"] for r in answered)
+        # model FLOPs: every prompt and generated position through the body, one row of logits per
+        # generated token; attention ignored (short rows)
+        flops = 2.0 * body * (prompt_tokens + completion) + 2.0 * head * completion
         out[name] = {"engine": engine.name, "load_s": load[name], "seconds": round(total, 2),
                      "seconds_per_round": seconds[name], "examples_per_s": round(len(cs) / total, 3),
                      "prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "model_gflop": round(flops / 1e9), "share_of_matmul_peak": round(flops / total / peak, 3),
-                     "valid_rate": round(sum(r["valid"] for r in rows_) / len(cs), 3),
+                     "valid_rate": round(sum(r["valid"] for r in answered) / len(cs), 3),
                      "unconstrained_valid_rate": round(sum(r["valid"] and not r["guide_interventions"]
-                                                           for r in rows_) / len(cs), 3),
+                                                           for r in answered) / len(cs), 3),
                      "intent_accuracy": round(sum(intent) / len(cs), 3)}
         if hasattr(engine, "close"):
             engine.close()
