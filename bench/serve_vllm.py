@@ -148,7 +148,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         urls = {"bare": bare.url, "crucible": f"http://127.0.0.1:{port}"}
         lat = {k: [] for k in urls}
         overhead: list[float] = []  # crucible: client latency minus the engine's time
-        outside: list[float] = []  # of that, the part outside the router's handler (proxy, HTTP server)
+        parts: list[dict] = []  # of that, each layer's share (see OVERHEAD_PARTS)
         info = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()
         procs = _components(bare.proc.pid, info["server_pid"])
         cpu = {k: dict.fromkeys(procs[k], 0.0) for k in procs}
@@ -167,13 +167,13 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                     timing = _timing(r.headers.get("server-timing", ""))
                     if timing.get("engine") is not None:
                         overhead.append(took - timing["engine"] / 1000)
-                        outside.append(took - timing["router"] / 1000)
+                        parts.append(overhead_parts(took * 1000, timing))
                     return took, r.json()["choices"][0]["message"]["content"]
 
                 for k in urls:  # warm-up
                     await asyncio.gather(*(one(k, i % len(messages)) for i in range(args.warmup)))
                 overhead.clear()
-                outside.clear()
+                parts.clear()
                 per = -(-len(messages) // args.rounds)
                 for rd in range(args.rounds):
                     idx = list(range(rd * per, min(len(messages), (rd + 1) * per)))
@@ -221,11 +221,9 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
             "router_overhead_p50_ms": round(percentile([x * 1000 for x in overhead], 50), 2) if overhead else None,
             "router_overhead_p95_ms": round(percentile([x * 1000 for x in overhead], 95), 2) if overhead else None,
-            # the overhead's split: before and after the router's handler (proxy, HTTP parsing, the
-            # response's way back) and inside it (the router's work, the hop to the replica, the replica's)
-            "overhead_outside_router_p50_ms": round(percentile([x * 1000 for x in outside], 50), 2) if outside else None,
-            "overhead_inside_router_p50_ms": round(percentile([(o - x) * 1000 for o, x in zip(overhead, outside)], 50), 2)
-            if outside else None,
+            # the overhead's split by layer, p50 of each (so they need not add up to the p50 above)
+            "overhead_parts_p50_ms": {name: round(percentile([p[name] for p in parts], 50), 2) for name in OVERHEAD_PARTS}
+            if parts else None,
             "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"],
             "serve_floor_ms": floor}
 
@@ -315,6 +313,21 @@ def _components(bare_pid: int, server_pid: int) -> dict[str, dict[str, list[int]
                 titled.setdefault(name, []).append(p)
     return {"bare": {"engine": _tree(bare_pid, kids)},
             "crucible": {"engine": _tree(server_pid, kids), **{k: titled.get(k, []) for k in ("proxy", "router", "replica")}}}
+
+
+OVERHEAD_PARTS = {
+    "ingress": "HAProxy, the router's HTTP server and FastAPI, and the client's own HTTP stack (client latency "
+               "minus the router's time)",
+    "router": "the router's own work: parsing, choosing the model, the contract check, building the answer",
+    "serve_hop": "the Serve handle call to the model replica and back, less the replica's time",
+    "replica": "the replica's own work around its engine call",
+}
+
+
+def overhead_parts(took_ms: float, timing: dict[str, float]) -> dict[str, float]:
+    """One request's overhead by layer (OVERHEAD_PARTS), from the router's ``Server-Timing``."""
+    return {"ingress": took_ms - timing["router"], "router": timing["router"] - timing["upstream"],
+            "serve_hop": timing["upstream"] - timing["replica"], "replica": timing["replica"] - timing["engine"]}
 
 
 def _timing(header: str) -> dict[str, float]:

@@ -3,9 +3,10 @@
 The seam (every replica kind has these, called over a Serve handle):
 
 - ``async generate(messages, params) -> dict``: ``{"model", "prompt_tokens", "choices": [{"text",
-  "finish_reason", "completion_tokens", "logprobs"?}], "engine_s"?}`` (``params["n"]`` choices;
-  ``engine_s``: seconds spent in the engine, where the replica can tell), or ``{"error", "status",
-  "param"?}`` for a request this model cannot take (a prompt over the limit).
+  "finish_reason", "completion_tokens", "logprobs"?}], "replica_s", "engine_s"?}`` (``params["n"]``
+  choices; ``replica_s``: seconds from the call's arrival to its answer, ``engine_s``: of those, the
+  engine's, where the replica can tell), or ``{"error", "status", "param"?}`` for a request this model
+  cannot take (a prompt over the limit).
 - ``async stream(messages, params)`` (an async generator, called with ``handle.options(stream=True)``):
   first ``{"model", "prompt_tokens"}`` or an error dict as above, then ``{"delta": str}`` items, last
   ``{"finish_reason", "completion_tokens"}``.
@@ -25,6 +26,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 
 from ray import serve
 
@@ -110,10 +112,11 @@ class ModelReplica:
                             params.get("max_prompt_tokens"))
 
     async def generate(self, messages: list[dict], params: dict) -> dict:
+        arrived = time.perf_counter()
         problem, _ = await self._admit(messages, params)
         if problem:
             return problem
-        return await self._batched((messages, params))
+        return {**await self._batched((messages, params)), "replica_s": time.perf_counter() - arrived}
 
     async def stream(self, messages: list[dict], params: dict):
         problem, n_prompt = await self._admit(messages, params)

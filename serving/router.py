@@ -16,6 +16,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from ray import serve
 
 from serving import protocol as P
@@ -35,46 +36,89 @@ class Call:
     and a stream."""
 
     def __init__(self, router: "Router", role: str, messages: list[dict], params: dict, key: str | None, *,
-                 stream: bool, tools: bool):
+                 stream: bool, tools: bool, start: float):
         self.router, self.role, self.messages, self.params = router, role, messages, params
         self.ref = router.models[role]
         self.stream, self.tools = stream, tools
         self.user_hash = hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
-        self.start = time.perf_counter()
+        self.start = start  # when the router took the request
+        self.answered: float | None = None  # seconds from arrival to the answer (see latency)
         self.primary_done = asyncio.get_running_loop().create_future()
         self.mirrored = bool(router.models["shadow"]) and router._mirror(messages, params, self.primary_done)
 
     async def finish(self, answer: str | None, status: int, message: str, *, completion_tokens: int = 0,
                      alternatives: list[str] | None = None):
-        r = self.router
-        latency = time.perf_counter() - self.start
-        verdict = r.checker.check(answer) if answer is not None else None
-        valid = verdict.valid if verdict else None
-        if status < 400 or status >= 500:  # a client's bad request says nothing about the model
-            r.stats[self.role].record(status == 200, valid, latency)
-        r.metrics.observe(role=self.role, model=self.ref, status=status, valid=valid, latency_s=latency,
-                          completion_tokens=completion_tokens, stream=self.stream)
-        row = dict(messages=self.messages, answer=answer, model=self.ref, role=self.role, latency_ms=latency * 1000,
-                   valid=valid, reason=verdict.reason if verdict else message, status=status,
-                   user_hash=self.user_hash)
-        if alternatives:
-            row["alternatives"] = alternatives
-        if not self.primary_done.done():
-            self.primary_done.set_result(row)
-        if not self.mirrored:  # else the shadow task logs both answers side by side
-            r._log(row)
-        if self.role == "canary":
-            await r._maybe_act()
+        """Check and account for the answer now; returns the contract's verdict (None without an answer)."""
+        verdict = self.router.checker.check(answer) if answer is not None else None
+        self.telemetry(verdict, answer, status, message, completion_tokens=completion_tokens,
+                       alternatives=alternatives)()
+        await self.settle(verdict, status)
         return verdict
 
+    async def settle(self, verdict, status: int) -> None:
+        """What the rollout policy needs before the answer goes out: the role's live stats, and for
+        the canary the policy's decision, so a rollback or promotion has happened by the time the
+        request that triggered it is answered."""
+        r = self.router
+        if status < 400 or status >= 500:  # a client's bad request says nothing about the model
+            r.stats[self.role].record(status == 200, verdict.valid if verdict else None, self.latency())
+        if self.role == "canary":
+            await r._maybe_act()
 
-def _timing(call: Call, result: dict) -> str:
-    """A ``Server-Timing`` header: the router's whole time, and the engine's where the replica reports
-    it, so a client (bench.serve_vllm) can tell what serving adds to the engine."""
-    parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}"]
-    if result.get("engine_s") is not None:
-        parts.append(f"engine;dur={result['engine_s'] * 1000:.2f}")
+    def telemetry(self, verdict, answer: str | None, status: int, message: str, *, completion_tokens: int = 0,
+                  alternatives: list[str] | None = None):
+        """The metrics and the request-log row for this answer, as a function to call once (a
+        successful answer calls it after its response is sent: scrubbing PII for the log row and
+        recording metrics take a few hundred microseconds the client need not wait for)."""
+        latency = self.latency()
+
+        def record() -> None:
+            r = self.router
+            valid = verdict.valid if verdict else None
+            r.metrics.observe(role=self.role, model=self.ref, status=status, valid=valid, latency_s=latency,
+                              completion_tokens=completion_tokens, stream=self.stream)
+            row = dict(messages=self.messages, answer=answer, model=self.ref, role=self.role,
+                       latency_ms=latency * 1000, valid=valid, reason=verdict.reason if verdict else message,
+                       status=status, user_hash=self.user_hash)
+            if alternatives:
+                row["alternatives"] = alternatives
+            if not self.primary_done.done():
+                self.primary_done.set_result(row)
+            if not self.mirrored:  # else the shadow task logs both answers side by side
+                r._log(row)
+
+        return record
+
+    def latency(self) -> float:
+        if self.answered is None:
+            self.answered = time.perf_counter() - self.start
+        return self.answered
+
+
+def _timing(call: Call, result: dict, upstream_s: float) -> str:
+    """A ``Server-Timing`` header: the router's whole time (``router``), its wait on the model replica
+    (``upstream``: the Serve hop there and back plus the replica's time), and where the replica
+    reports them, its own time (``replica``) and its engine's (``engine``). So a client
+    (bench.serve_vllm) can tell what each layer of serving adds to the engine."""
+    parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}", f"upstream;dur={upstream_s * 1000:.2f}"]
+    for name in ("replica", "engine"):
+        if result.get(f"{name}_s") is not None:
+            parts.append(f"{name};dur={result[f'{name}_s'] * 1000:.2f}")
     return ", ".join(parts)
+
+
+def _after(record):
+    """``record`` as a response's background task: Starlette runs it right after writing the body, in
+    the request's own task and not in a thread (a coroutine function that awaits nothing), so a client
+    that reads the request log or the metrics next finds this request there."""
+
+    async def run() -> None:
+        try:
+            record()
+        except Exception:  # noqa: BLE001 - the answer is out; a failed record must not look like a failed request
+            log.exception("recording a request failed")
+
+    return BackgroundTask(run)
 
 
 # Defined after Call: Serve captures the class (and the module globals it uses) when it is decorated.
@@ -185,7 +229,7 @@ class Router(AdminRoutes):
         self.metrics.set_in_flight(self.in_flight)
         handed_over = False  # a stream releases its in-flight slot when it ends
         try:
-            answer = await self._chat(request)
+            answer = await self._chat(request, start)
             handed_over = isinstance(answer, StreamingResponse)
             return answer
         except APIError as e:
@@ -221,7 +265,7 @@ class Router(AdminRoutes):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the body is not valid JSON: {e}") from None
 
-    async def _chat(self, request: Request):
+    async def _chat(self, request: Request, start: float):
         from serving.traffic import choose, sticky_key
 
         body = await self._read(request)
@@ -245,13 +289,14 @@ class Router(AdminRoutes):
                                     f"{[m for r, m in self.models.items() if m and r != 'shadow']} (GET /v1/models)",
                                param="model", code="model_not_found")
         call = Call(self, role, messages, params, key, stream=req.stream,
-                    tools=req.tools_wanted(contract.type))
+                    tools=req.tools_wanted(contract.type), start=start)
         if req.stream:
             return await self._stream(call, include_usage=bool(req.stream_options and req.stream_options.include_usage))
         return await self._complete(call)
 
     async def _complete(self, call: "Call"):
         result = None
+        sent = time.perf_counter()
         try:
             result = await asyncio.wait_for(self._handle(call.ref).generate.remote(call.messages, dict(call.params),
                                                                                   *self._which(call.ref)),
@@ -263,10 +308,13 @@ class Router(AdminRoutes):
             await call.finish(None, err.status, err.message)
             err.model = call.ref
             raise err from None
+        upstream_s = time.perf_counter() - sent
         choices = result["choices"]
         tokens = sum(c["completion_tokens"] for c in choices)
-        verdict = await call.finish(choices[0]["text"], 200, "", completion_tokens=tokens,
-                                    alternatives=[c["text"] for c in choices[1:]])
+        verdict = self.checker.check(choices[0]["text"])
+        record = call.telemetry(verdict, choices[0]["text"], 200, "", completion_tokens=tokens,
+                                alternatives=[c["text"] for c in choices[1:]])
+        await call.settle(verdict, 200)
         out = []
         for i, c in enumerate(choices):
             calls = P.as_tool_calls(c["text"]) if call.tools else None
@@ -276,8 +324,8 @@ class Router(AdminRoutes):
         body = P.ChatCompletion(id=P.new_id(), created=P.now(), model=call.ref, choices=out,
                                 usage=P.usage(result["prompt_tokens"], tokens),
                                 crucible={"role": call.role, "valid": verdict.valid, "reason": verdict.reason})
-        headers = {"x-crucible-model": call.ref, "server-timing": _timing(call, result)}
-        return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
+        headers = {"x-crucible-model": call.ref, "server-timing": _timing(call, result, upstream_s)}
+        return JSONResponse(body.model_dump(exclude_none=True), headers=headers, background=_after(record))
 
     async def _stream(self, call: "Call", include_usage: bool):
         """Answer as server-sent events. The first replica item (the prompt's size, or an error such as

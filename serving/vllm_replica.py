@@ -130,6 +130,7 @@ class VLLMReplica:
 
     async def generate(self, messages: list[dict], params: dict, model: str | None = None) -> dict:
         """The router's call (``serving.replica``'s seam): ``{"model", "prompt_tokens", "choices"}``."""
+        arrived = time.perf_counter()
         await inject_faults(self.faults, self.ref)
         name = await self._served(model)
         messages = with_system_prompt(messages, self.prompts[name])
@@ -152,7 +153,7 @@ class VLLMReplica:
                 choice["logprobs"] = (c.get("logprobs") or {}).get("content") or []
             choices.append(choice)
         return {"model": name, "prompt_tokens": usage.get("prompt_tokens", 0), "choices": choices,
-                "engine_s": engine_s}
+                "engine_s": engine_s, "replica_s": time.perf_counter() - arrived}
 
     async def stream(self, messages: list[dict], params: dict, model: str | None = None):
         """The seam's stream: ``{"model", "prompt_tokens"}``, ``{"delta"}`` items, then the finish."""

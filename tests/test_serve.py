@@ -107,6 +107,9 @@ def test_chat_completion_shape_and_pinning(app):
     assert r.headers["x-crucible-model"] == body["model"] and body["model"] in (refs["production"], refs["canary"])
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
     assert 1 <= body["usage"]["completion_tokens"] <= 4
+    # the layers' times, each holding the next (the HF replica does not split off its engine's time)
+    timing = {p.split(";dur=")[0].strip(): float(p.split(";dur=")[1]) for p in r.headers["server-timing"].split(",")}
+    assert timing.keys() == {"router", "upstream", "replica"} and timing["router"] > timing["upstream"] > timing["replica"] > 0
     pinned = c.post("/v1/chat/completions", json={"model": refs["canary"], "max_tokens": 2,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert pinned.status_code == 200 and pinned.headers["x-crucible-model"] == refs["canary"]
@@ -585,3 +588,15 @@ def test_http_ingress_is_haproxy_on_loopback_only(app):
         assert {addr for addr, _ in socks} == {"127.0.0.1"}, socks  # metrics and stats frontends too
         admin = cfg.parent / "admin.sock"
         assert stat.S_IMODE(admin.stat().st_mode) & 0o077 == 0, oct(admin.stat().st_mode)
+
+
+def test_replicas_route_on_their_own_loop_and_the_driver_on_a_separate_one(app):
+    """infra.ray_env: a driver's handles keep a loop of their own (it blocks in ``.result()``), Ray's
+    workers (every replica) get the throughput settings' choice, the replica's loop."""
+    import os
+
+    import ray
+
+    assert os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"
+    worker_env = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")).remote())
+    assert worker_env == "0"
