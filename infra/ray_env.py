@@ -78,8 +78,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, cache
         # the replica's loop, the throughput settings' choice: no thread hop per call between deployments
         # (HTTP to a deployment awaiting a second one: 2.8 -> 2.4 ms p50 here, the hop 1.6 -> 1.3 ms)
         runtime_env["env_vars"]["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "0"
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        runtime_env["worker_process_setup_hook"] = "infra.ray_env.haproxy_on_loopback"
+    runtime_env["worker_process_setup_hook"] = "infra.ray_env.serve_on_loopback"
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp),
              runtime_env=runtime_env, configure_logging=True, logging_level="WARNING", log_to_driver=True)
     return ray
@@ -94,7 +93,7 @@ def serve_fast_path_env() -> dict[str, str]:
     it can still call ``handle.method.remote().result()``; a replica's use the replica's loop. Measured
     here (2 cores, idle): an HTTP request to a deployment that awaits a second one, 11–12 ms p50
     through Serve's proxy, 3 ms through HAProxy. Its metrics and stats ports are this session's (Ray's defaults are fixed ports a second
-    Ray on the machine would share; its files are per node already) and :func:`haproxy_on_loopback`
+    Ray on the machine would share; its files are per node already) and :func:`serve_on_loopback`
     keeps its listeners on 127.0.0.1. ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps Serve's proxy."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1" or not _haproxy_installed():
@@ -115,29 +114,37 @@ def _haproxy_installed() -> bool:
 
 
 # Ray 2.60's HAProxy config binds its metrics and stats listeners on every interface and opens its
-# admin socket to every local user (mode 666); local mode keeps all of Ray on loopback and to its user.
+# admin socket to every local user (mode 666); each Serve replica's gRPC server for calls between
+# deployments binds [::]:0. Local mode keeps all of Ray on loopback and to its user.
 _HAPROXY_LOOPBACK = (("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"),
                      ("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"),
                      ("mode 666 level admin", "mode 600 level admin"))
 _HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
+_SERVE_REPLICA = "ray.serve._private.replica"
 
 
-def haproxy_on_loopback() -> None:
-    """Ray worker setup hook (local mode): when a worker imports Serve's HAProxy config template,
-    rewrite its listeners to 127.0.0.1 and its admin socket to mode 600. Workers that never import
-    it pay nothing (importing it up front would load Ray Serve into every worker)."""
+def serve_on_loopback() -> None:
+    """Ray worker setup hook (local mode): when a worker imports Serve's HAProxy config template, rewrite
+    its listeners to 127.0.0.1 and its admin socket to mode 600; when it imports Serve's replica, bind
+    the replica's gRPC server on 127.0.0.1 where the node's address is 127.0.0.1 (callers dial the
+    node's address, so nothing else changes). Workers that never import them pay nothing (importing
+    them up front would load Ray Serve into every worker)."""
     import importlib.abc
     import importlib.util
 
-    if _HAPROXY_TEMPLATES in sys.modules:
-        _loopback_template(sys.modules[_HAPROXY_TEMPLATES])
+    patches = {_HAPROXY_TEMPLATES: _loopback_template, _SERVE_REPLICA: _loopback_replica_grpc}
+    for name in [n for n in patches if n in sys.modules]:
+        patches.pop(name)(sys.modules[name])
+    if not patches:
         return
 
-    class TemplateFinder(importlib.abc.MetaPathFinder):
+    class PatchingFinder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path, target=None):
-            if fullname != _HAPROXY_TEMPLATES:
+            if fullname not in patches:
                 return None
-            sys.meta_path.remove(self)
+            patch = patches.pop(fullname)  # popped first: the lookup below passes this finder by
+            if not patches:
+                sys.meta_path.remove(self)
             spec = importlib.util.find_spec(fullname)
             if spec is None or spec.loader is None:
                 return spec
@@ -145,12 +152,12 @@ def haproxy_on_loopback() -> None:
 
             def exec_module(module):
                 run(module)
-                _loopback_template(module)
+                patch(module)
 
             spec.loader.exec_module = exec_module
             return spec
 
-    sys.meta_path.insert(0, TemplateFinder())
+    sys.meta_path.insert(0, PatchingFinder())
 
 
 def _loopback_template(module) -> None:
@@ -160,6 +167,22 @@ def _loopback_template(module) -> None:
             log.warning("Ray's HAProxy template has no %r: its listeners may not be on loopback only", old)
         text = text.replace(old, new)
     module.HAPROXY_CONFIG_TEMPLATE = text
+
+
+def _loopback_replica_grpc(module) -> None:
+    bind = getattr(module, "add_port_to_grpc_server", None)
+    if bind is None:
+        log.warning("Ray Serve's replica has no add_port_to_grpc_server: its gRPC server may listen on all interfaces")
+        return
+
+    def add_port(server, address: str):
+        import ray
+
+        if address.startswith("[::]:") and ray.util.get_node_ip_address() == "127.0.0.1":
+            address = "127.0.0.1:" + address[len("[::]:"):]
+        return bind(server, address)
+
+    module.add_port_to_grpc_server = add_port
 
 
 # -- a local Ray head in a process group of its own --------------------------------------------------------

@@ -565,7 +565,7 @@ def _tcp_listeners() -> dict[int, tuple[str, int]]:
 
 def test_http_ingress_is_haproxy_on_loopback_only(app):
     """Local mode serves HTTP through Serve's HAProxy (infra.ray_env.serve_fast_path_env); every
-    socket it listens on is on 127.0.0.1 and its admin socket is its user's alone."""
+    socket it and Serve's replicas listen on is on 127.0.0.1, and its admin socket is its user's alone."""
     import os
     import stat
 
@@ -588,6 +588,28 @@ def test_http_ingress_is_haproxy_on_loopback_only(app):
         assert {addr for addr, _ in socks} == {"127.0.0.1"}, socks  # metrics and stats frontends too
         admin = cfg.parent / "admin.sock"
         assert stat.S_IMODE(admin.stat().st_mode) & 0o077 == 0, oct(admin.stat().st_mode)
+
+    # every Serve replica (the router's HTTP port, each replica's gRPC server for calls between
+    # deployments, Ray's own worker port) listens on loopback only
+    replicas = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                continue
+            inodes = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        replicas[pid] = [listeners[int(i[8:-1])] for i in inodes if i.startswith("socket:[") and int(i[8:-1]) in listeners]
+    assert len(replicas) >= 4 and all(len(socks) >= 2 for socks in replicas.values()), replicas
+    for socks in replicas.values():
+        assert all(_on_loopback(addr) for addr, _ in socks), socks
+
+
+def _on_loopback(addr: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def test_replicas_route_on_their_own_loop_and_the_driver_on_a_separate_one(app):
