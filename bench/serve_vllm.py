@@ -7,8 +7,9 @@
   p50 of each, ``req_per_s_ratio_crucible_vs_bare`` (goal ≥ 0.8) and ``router_overhead_p50_ms``
   (goal < 5): per request, the client's latency minus the engine's time the replica measured around
   its call to the vLLM server (the router's ``Server-Timing`` header), i.e. all that the proxy, the
-  router, the replica and the hops between them add. ``serve_floor_ms``: the same two Serve hops with
-  no work in them, measured in the same run (the part of the overhead Serve itself costs here).
+  router, the replica and the hops between them add, and ``overhead_parts_p50_ms``, that split by
+  layer (``OVERHEAD_PARTS``). ``serve_floor_ms``: the same two Serve hops with no work in them,
+  measured in the same run (the part of the overhead Serve itself costs here).
 - ``eval``: what ``crucible eval`` does with a set (the rows under the contract, and the model's
   own validity without it), by the engine ``auto`` picks (vLLM here) and by the HF engine, in
   ``--eval-rounds`` rounds of ``--n`` fresh rows, the engines alternating: examples/s ratio (goal ≥ 3),
