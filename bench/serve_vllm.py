@@ -8,8 +8,9 @@
   (goal < 5): per request, the client's latency minus the engine's time the replica measured around
   its call to the vLLM server (the router's ``Server-Timing`` header), i.e. all that the proxy, the
   router, the replica and the hops between them add, and ``overhead_parts_p50_ms``, that split by
-  layer (``OVERHEAD_PARTS``). ``serve_floor_ms``: the same two Serve hops with no work in them,
-  measured in the same run (the part of the overhead Serve itself costs here).
+  layer (``OVERHEAD_PARTS``). ``serve_floor_ms``: the same two hops with no work in them, measured
+  in the same run, with the second over a Serve handle and over HTTP (the part of the overhead Serve
+  itself costs here).
 - ``eval``: what ``crucible eval`` does with a set (the rows under the contract, and the model's
   own validity without it), by the engine ``auto`` picks (vLLM here) and by the HF engine, in
   ``--eval-rounds`` rounds of ``--n`` fresh rows, the engines alternating: examples/s ratio (goal ≥ 3),
@@ -165,7 +166,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                     r = await clients[k].post("/v1/chat/completions", json=bodies[k](messages[i]))
                     took = time.perf_counter() - t
                     r.raise_for_status()
-                    timing = _timing(r.headers.get("server-timing", ""))
+                    timing = server_timing(r.headers.get("server-timing", ""))
                     if timing.get("engine") is not None:
                         overhead.append(took - timing["engine"] / 1000)
                         parts.append(overhead_parts(took * 1000, timing))
@@ -229,13 +230,15 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
             "serve_floor_ms": floor}
 
 
-# -- the floor: what two Serve hops cost with no work in them, on this machine, in this run ---------
+# -- the floor: what the router's shape costs with no work in it, on this machine, in this run -----------
 def serve_floor_ms(url: str, n: int = 60) -> dict:
-    """Latency of an HTTP request through Serve's proxy to a deployment that awaits a second one
-    (the router -> replica shape) where neither does any work, one request at a time, engines idle:
-    the part of ``router_overhead`` no router code can remove while the path is Ray Serve."""
+    """Latency of an HTTP request through Serve's ingress to a deployment that calls a second one (the
+    router -> replica shape) where neither does any work, one request at a time, engines idle, for both
+    ways the router can call (``serving.upstream``): a Serve handle, and HTTP through the ingress
+    (HAProxy) with the router's client. The part of ``router_overhead`` no router code can remove."""
     import httpx
     from ray import serve
+    from starlette.responses import JSONResponse
 
     quiet = {"logging_config": {"enable_access_log": False}, "ray_actor_options": {"num_cpus": 0}}
 
@@ -244,24 +247,36 @@ def serve_floor_ms(url: str, n: int = 60) -> dict:
         def ping(self) -> str:
             return "ok"
 
+        async def __call__(self, request) -> JSONResponse:
+            return JSONResponse("ok")
+
     @serve.deployment(**quiet)
     class FloorOuter:
-        def __init__(self, inner):
-            self.inner = inner
+        def __init__(self, inner, base: str):
+            self.inner, self.base, self.session = inner, base, None
 
-        async def __call__(self, request) -> str:
-            return await self.inner.ping.remote()
+        async def __call__(self, request) -> JSONResponse:
+            if request.url.path.endswith("/http"):
+                import aiohttp
 
-    serve.run(FloorOuter.bind(FloorInner.bind()), name="floor", route_prefix="/floor")
-    lat = []
+                self.session = self.session or aiohttp.ClientSession()
+                async with self.session.post(self.base + "/floor-inner") as r:
+                    return JSONResponse(await r.json())
+            return JSONResponse(await self.inner.ping.remote())
+
+    serve.run(FloorInner.bind(), name="floor-inner", route_prefix="/floor-inner")
+    serve.run(FloorOuter.bind(FloorInner.bind(), url), name="floor", route_prefix="/floor")
+    lat: dict[str, list[float]] = {"handle_hop": [], "http_hop": []}
     with httpx.Client(base_url=url, timeout=60) as c:
         for i in range(n + 5):
-            t = time.perf_counter()
-            c.get("/floor").raise_for_status()
-            if i >= 5:  # the first few warm the handles up
-                lat.append((time.perf_counter() - t) * 1000)
+            for name, path in (("handle_hop", "/floor/handle"), ("http_hop", "/floor/http")):
+                t = time.perf_counter()
+                c.get(path).raise_for_status()
+                if i >= 5:  # the first few warm the handles and connections up
+                    lat[name].append((time.perf_counter() - t) * 1000)
     serve.delete("floor")
-    return {"p50": round(percentile(lat, 50), 2), "p95": round(percentile(lat, 95), 2)}
+    serve.delete("floor-inner")
+    return {name: {"p50": round(percentile(xs, 50), 2), "p95": round(percentile(xs, 95), 2)} for name, xs in lat.items()}
 
 
 # -- CPU accounting: where the cores go, per request (robust to a busy machine, unlike wall time) ---
@@ -320,7 +335,7 @@ OVERHEAD_PARTS = {
     "ingress": "HAProxy, the router's HTTP server and FastAPI, and the client's own HTTP stack (client latency "
                "minus the router's time)",
     "router": "the router's own work: parsing, choosing the model, the contract check, building the answer",
-    "serve_hop": "the Serve handle call to the model replica and back, less the replica's time",
+    "hop": "the router's call to the model replica and back (HTTP through HAProxy, or a Serve handle), less the replica's time",
     "replica": "the replica's own work around its engine call",
 }
 
@@ -328,16 +343,18 @@ OVERHEAD_PARTS = {
 def overhead_parts(took_ms: float, timing: dict[str, float]) -> dict[str, float]:
     """One request's overhead by layer (OVERHEAD_PARTS), from the router's ``Server-Timing``."""
     return {"ingress": took_ms - timing["router"], "router": timing["router"] - timing["upstream"],
-            "serve_hop": timing["upstream"] - timing["replica"], "replica": timing["replica"] - timing["engine"]}
+            "hop": timing["upstream"] - timing["replica"], "replica": timing["replica"] - timing["engine"]}
 
 
-def _timing(header: str) -> dict[str, float]:
-    """``Server-Timing`` entries as {name: milliseconds}."""
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing`` entries as {name: milliseconds} (their ``desc`` left out)."""
     out = {}
     for part in header.split(","):
-        name, _, rest = part.strip().partition(";")
-        if rest.startswith("dur="):
-            out[name] = float(rest[4:])
+        name, *params = part.strip().split(";")
+        for p in params:
+            key, _, value = p.partition("=")
+            if key.strip() == "dur":
+                out[name.strip()] = float(value)
     return out
 
 
@@ -476,8 +493,10 @@ def main() -> None:
         doc["goals"]["eval_examples_per_s_ratio_ge_3"] = doc["eval"]["examples_per_s_ratio_vllm_vs_hf"] >= 3
     doc["notes"] = ["Both servers are alive during the whole measurement and alternate in rounds; 2 CPU cores are "
                     "shared by the client, both vLLM servers, Serve's proxy, the router and the replica.",
-                    "serve_floor_ms: 60 requests, one at a time, through Serve's proxy to a deployment that awaits "
-                    "a second one, neither doing any work (the router -> replica shape), after the measurement.",
+                    "serve_floor_ms: 60 requests of each kind, one at a time, through Serve's ingress to a deployment "
+                    "that calls a second one over a Serve handle (handle_hop) or over HTTP through the ingress "
+                    "(http_hop, the router's way where the ingress is HAProxy), neither doing any work, after the "
+                    "measurement.",
                     "vLLM runs as a managed server from the vLLM venv (pipelines/engines/vllm_server.py), float32 "
                     "on CPU like the HF engine."]
     doc["wall_s"] = round(time.time() - started, 1)

@@ -1,4 +1,4 @@
-"""The Serve application, assembled: one Serve app per model (no HTTP route), and a router app on ``/``.
+"""The Serve application, assembled: one Serve app per model, and a router app on ``/``.
 
 Keeping each model in its own Serve application lets the router change who serves what at run
 time (deploy a canary, promote it, roll it back) without redeploying itself or reloading any
@@ -15,23 +15,26 @@ everything.
 
 from ray import serve
 
-from serving.replica import actor_options, app_name, replica_for  # noqa: F401 - app_name is re-exported
+from serving.replica import actor_options, app_name, replica_for, replica_http  # noqa: F401 - app_name is re-exported
 
 # -- model apps ---------------------------------------------------------------------------------------
-def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None, adapters: tuple[str, ...] = ()):
-    """The Serve app (a ``RunTarget``) for one model, without an HTTP route; ``adapters``: LoRA adapters
-    of its base served beside it (vLLM only, see ``serving.vllm_replica.shared_hosts``)."""
+def model_target(spec, ref: str, registry_uri: str, faults: dict | None = None, adapters: tuple[str, ...] = (),
+                 *, http: dict | None):
+    """The Serve app (a ``RunTarget``) for one model; ``adapters``: LoRA adapters of its base served
+    beside it (vLLM only, see ``serving.vllm_replica.shared_hosts``); ``http``: its private HTTP route
+    and token (``serving.replica.replica_http``), or None for no route."""
     from ray.serve.api import RunTarget
 
     from serving.vllm_replica import vllm_target
 
     d = spec.deploy
-    if d.engine != "hf" and (target := vllm_target(spec, ref, registry_uri, faults, adapters)) is not None:
-        return target  # vLLM wherever it runs this model; the HF replica below is the fallback
-    app = replica_for(d.engine).options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
-                                        max_queued_requests=4 * d.max_concurrency).bind(
-        ref, registry_uri, d.engine, faults, d.threads_per_replica)
-    return RunTarget(app, name=app_name(spec.task, ref), route_prefix=None)
+    name = app_name(spec.task, ref)
+    app = vllm_target(spec, ref, registry_uri, faults, adapters, http) if d.engine != "hf" else None
+    if app is None:  # vLLM wherever it runs this model; the HF replica is the fallback
+        app = replica_for(d.engine).options(num_replicas=d.replicas, ray_actor_options=actor_options(d.num_cpus),
+                                            max_queued_requests=4 * d.max_concurrency).bind(
+            ref, registry_uri, d.engine, faults, d.threads_per_replica, http=http)
+    return RunTarget(app, name=name, route_prefix=http["route"] if http else None)
 
 
 def deploy_model(spec, ref: str, registry_uri: str, *, faults: dict | None = None) -> str:
@@ -39,13 +42,26 @@ def deploy_model(spec, ref: str, registry_uri: str, *, faults: dict | None = Non
     from infra.registry import Registry
 
     ref = Registry.open(registry_uri).get(ref).id
-    target = model_target(spec, ref, registry_uri, faults)
-    serve.run(target.target, name=target.name, route_prefix=None)
+    target = model_target(spec, ref, registry_uri, faults, http=replica_http(app_name(spec.task, ref)))
+    serve.run(target.target, name=target.name, route_prefix=target.route_prefix)
     return target.name
 
 
 def running_apps() -> set[str]:
     return set(serve.status().applications)
+
+
+def _http_for(name: str, running: set[str]) -> dict | None:
+    """A model app's private route: a running app keeps the one it has (a new token would change its
+    arguments, and Serve would restart its replicas, reloading the model)."""
+    if name in running:
+        try:
+            return serve.get_app_handle(name).http_route.remote().result(timeout_s=60)
+        except Exception as e:  # noqa: BLE001 - an app from before routes existed: it gets one now
+            import logging
+
+            logging.getLogger(__name__).info("%s: no private route to keep (%s)", name, type(e).__name__)
+    return replica_http(name)
 
 
 def deploy(spec, plan: dict, registry_uri: str, *, faults: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
@@ -61,8 +77,9 @@ def deploy(spec, plan: dict, registry_uri: str, *, faults: dict | None = None, e
     hosts = shared_hosts(spec, plan["models"], registry_uri)  # adapters served by production's replica
     plan = {**plan, "hosts": hosts}
     refs = [r for r in dict.fromkeys([r for r in plan["models"].values() if r] + list(extra)) if r not in hosts]
-    targets = [model_target(spec, ref, registry_uri, faults.get(ref), tuple(a for a, h in hosts.items() if h == ref))
-               for ref in refs]
+    running = running_apps()
+    targets = [model_target(spec, ref, registry_uri, faults.get(ref), tuple(a for a, h in hosts.items() if h == ref),
+                            http=_http_for(app_name(spec.task, ref), running)) for ref in refs]
     router = Router.options(ray_actor_options=actor_options(0), max_ongoing_requests=spec.deploy.max_concurrency + 32)
     targets.append(RunTarget(router.bind(spec.to_dict(), plan, registry_uri), name=spec.task, route_prefix="/"))
     serve.run_many(targets)
@@ -108,4 +125,4 @@ def build_model_app(args: dict):
     if not args.get("model"):
         raise ValueError("model application args need 'model': a model id or TASK@ALIAS")
     ref = reg.get(str(args["model"])).id
-    return model_target(spec, ref, reg.uri).target
+    return model_target(spec, ref, reg.uri, http=None).target  # the config's entry has no route

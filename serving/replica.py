@@ -11,9 +11,17 @@ The seam (every replica kind has these, called over a Serve handle):
   first ``{"model", "prompt_tokens"}`` or an error dict as above, then ``{"delta": str}`` items, last
   ``{"finish_reason", "completion_tokens"}``.
 - ``info() -> dict``.
+- ``http_route() -> dict | None``: where the router may call this replica over HTTP instead (below).
 - ``async host(ref) -> dict``: serve one more model beside this one (``{"model", "hosted": True}``), or
   ``{"hosted": False, "reason"}``; ``generate``/``stream`` then take that model as a third argument.
   Only the vLLM replica can (LoRA adapters of its base); the HF replica serves one model.
+
+Over HTTP: where Serve's HTTP ingress is HAProxy (Ray's direct ingress, local mode's default), each
+model app also gets a private route, ``/_replica/APP``, guarded by a token of its own; the router
+POSTs ``{"messages", "params", "model"?, "stream"?}`` there with ``authorization: Bearer TOKEN`` and
+gets the same dicts back (a stream as one JSON object per line). Measured here, an HTTP request to a
+deployment that calls a second one: 2.8 ms p50 over a Serve handle (gRPC), 1.9 ms over HTTP through
+HAProxy with aiohttp: a handle call costs ~1 ms of CPU on each side, the HTTP request ~0.3.
 
 ``params`` is ``serving.protocol.params_for``'s dict: max_tokens, temperature, top_p, stop, seed, n,
 logprobs (None or the number of alternatives), max_prompt_tokens, guide. ``REPLICAS`` maps
@@ -23,8 +31,11 @@ logprobs (None or the number of alternatives), max_prompt_tokens, guide. ``REPLI
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import random
+import secrets
 import threading
 import time
 
@@ -48,6 +59,44 @@ def actor_options(num_cpus: float) -> dict:
 def app_name(task: str, ref: str) -> str:
     """The Serve app holding one model: the task plus the model id's random suffix."""
     return f"{task}--{ref.rsplit('-', 1)[-1]}"
+
+
+REPLICA_ROUTE = "/_replica/"
+REPLICA_HEADER = "x-crucible-replica"  # on every answer of the route: the replica's, not the ingress's
+
+
+def replica_http(name: str) -> dict | None:
+    """The private HTTP route and token for model app ``name`` where Serve's HTTP ingress is HAProxy
+    (``infra.ray_env.serve_fast_path_env``); None elsewhere: through Serve's Python proxy an HTTP hop
+    costs more than a handle call, so the router keeps the handle."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return None
+    return {"route": REPLICA_ROUTE + name, "token": secrets.token_urlsafe(24)}
+
+
+async def answer_http(replica, request):
+    """The seam over HTTP (a replica's ``__call__``): the router's POST, checked against the app's token."""
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    mark = {REPLICA_HEADER: "1"}
+    token = (replica.http or {}).get("token")
+    if not token or not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
+        return JSONResponse({"failure": "not authorized"}, status_code=401, headers=mark)
+    body = await request.json()
+    args = (body["messages"], body["params"]) + ((body["model"],) if body.get("model") else ())
+    if body.get("stream"):
+        async def lines():
+            try:
+                async for item in replica.stream(*args):
+                    yield json.dumps(item) + "\n"
+            except Exception as e:  # noqa: BLE001 - the router turns it into the 502 a handle call gives
+                yield json.dumps({"failure": f"{type(e).__name__}: {e}"}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=mark)
+    try:
+        return JSONResponse(await replica.generate(*args), headers=mark)
+    except Exception as e:  # noqa: BLE001
+        return JSONResponse({"failure": f"{type(e).__name__}: {e}"}, status_code=500, headers=mark)
 
 
 def gen_params(p: dict):
@@ -85,7 +134,7 @@ class ModelReplica:
     """
 
     def __init__(self, ref: str, registry_uri: str, engine: str = "auto", faults: dict | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, http: dict | None = None):
         import torch
 
         from infra.registry import Registry
@@ -101,7 +150,14 @@ class ModelReplica:
         self.tokenizer = getattr(self.engine, "tokenizer", None)
         self.system_prompt = getattr(self.engine, "default_system_prompt", None)
         self.faults = faults or {}
+        self.http = http
         self.lock = threading.Lock()
+
+    async def __call__(self, request):
+        return await answer_http(self, request)
+
+    def http_route(self) -> dict | None:
+        return self.http
 
     async def _admit(self, messages: list[dict], params: dict) -> tuple[dict | None, int]:
         """(an error answer or None, the prompt's token count) after the test faults and the limit."""

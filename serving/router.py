@@ -1,10 +1,11 @@
 """The router: the OpenAI-compatible front of a task, on ``/``.
 
 It parses a request (``serving.protocol``), picks production or the canary (``serving.traffic``),
-calls that model's replica over a Serve handle (``serving.replica``'s interface), mirrors to the
-shadow, checks the answer against the contract, counts it (live stats for the policy, Prometheus
-metrics, the request log) and answers, as one JSON body or as server-sent events. Every error
-answer is an ``APIError`` (``serving.errors``). Admin routes are ``serving.admin``.
+calls that model's replica (``serving.replica``'s interface; over HTTP or a Serve handle, see
+``serving.upstream``), mirrors to the shadow, checks the answer against the contract, counts it (live
+stats for the policy, Prometheus metrics, the request log) and answers, as one JSON body or as
+server-sent events. Every error answer is an ``APIError`` (``serving.errors``). Admin routes are
+``serving.admin``.
 """
 
 
@@ -97,10 +98,12 @@ class Call:
 
 def _timing(call: Call, result: dict, upstream_s: float) -> str:
     """A ``Server-Timing`` header: the router's whole time (``router``), its wait on the model replica
-    (``upstream``: the Serve hop there and back plus the replica's time), and where the replica
+    (``upstream``: the hop there and back plus the replica's time; its ``desc`` says which hop, ``http``
+    or ``handle``, see ``serving.upstream``), and where the replica
     reports them, its own time (``replica``) and its engine's (``engine``). So a client
     (bench.serve_vllm) can tell what each layer of serving adds to the engine."""
-    parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}", f"upstream;dur={upstream_s * 1000:.2f}"]
+    parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}",
+             f'upstream;dur={upstream_s * 1000:.2f};desc="{result.get("via", "handle")}"']
     for name in ("replica", "engine"):
         if result.get(f"{name}_s") is not None:
             parts.append(f"{name};dur={result[f'{name}_s'] * 1000:.2f}")
@@ -134,9 +137,10 @@ class Router(AdminRoutes):
         from serving.policy import LiveStats
         from serving.requestlog import RequestLog
         from serving.traffic import Mirror
+        from serving.upstream import Upstream
 
         self.spec = Spec.model_validate(spec)
-        self._handles: dict = {}  # model ref -> its app's handle (see _handle)
+        self._handles: dict = {}  # app name -> its handle (see _app_handle)
         self.cfg = self.spec.deploy
         self.task = self.spec.task
         self.registry_uri = registry_uri
@@ -157,15 +161,18 @@ class Router(AdminRoutes):
         self.admin_lock = asyncio.Lock()
         self.last_decision: dict | None = None
         self.created: dict[str, int] = {}  # model ref -> its manifest's creation time (for /v1/models)
+        self.upstream = Upstream(self._app_handle)
 
     # -- helpers -------------------------------------------------------------------------------
     def _app(self, ref: str) -> str:
         return app_name(self.task, self.hosts.get(ref, ref))
 
     def _handle(self, ref: str):
+        return self._app_handle(self._app(ref))
+
+    def _app_handle(self, name: str):
         # One handle per model app, kept: get_app_handle asks the controller (a blocking call, ~1 ms,
         # inside the request path). A handle follows its app by name across redeploys.
-        name = self._app(ref)
         if name not in self._handles:
             self._handles[name] = serve.get_app_handle(name)
         return self._handles[name]
@@ -298,8 +305,8 @@ class Router(AdminRoutes):
         result = None
         sent = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self._handle(call.ref).generate.remote(call.messages, dict(call.params),
-                                                                                  *self._which(call.ref)),
+            result = await asyncio.wait_for(self.upstream.generate(self._app(call.ref), call.messages, dict(call.params),
+                                                                   *self._which(call.ref)),
                                             timeout=self.cfg.request_timeout_s)
             if "error" in result:
                 raise APIError(result["status"], result["error"], param=result.get("param"))
@@ -330,15 +337,21 @@ class Router(AdminRoutes):
     async def _stream(self, call: "Call", include_usage: bool):
         """Answer as server-sent events. The first replica item (the prompt's size, or an error such as
         a prompt over the limit) is awaited before answering, so such errors still get a JSON status."""
-        gen = self._handle(call.ref).options(stream=True).stream.remote(call.messages, dict(call.params),
-                                                                        *self._which(call.ref))
+        gen = None
+
+        async def first_item():
+            nonlocal gen
+            gen = await self.upstream.stream(self._app(call.ref), call.messages, dict(call.params), *self._which(call.ref))
+            return await gen.__anext__()
+
         try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.request_timeout_s)
+            first = await asyncio.wait_for(first_item(), timeout=self.cfg.request_timeout_s)
             if "error" in first:
                 raise APIError(first["status"], first["error"], param=first.get("param"))
         except Exception as e:  # noqa: BLE001
             err = e if isinstance(e, APIError) else from_replica_failure(e, self.cfg.request_timeout_s)
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
             await call.finish(None, err.status, err.message)
             err.model = call.ref
             raise err from None
@@ -403,7 +416,8 @@ class Router(AdminRoutes):
             start = time.perf_counter()
             shadow = {"model": shadow_ref}
             try:
-                res = await asyncio.wait_for(self._handle(shadow_ref).generate.remote(messages, params, *self._which(shadow_ref)),
+                res = await asyncio.wait_for(self.upstream.generate(self._app(shadow_ref), messages, params,
+                                                                    *self._which(shadow_ref)),
                                              timeout=self.cfg.shadow_timeout_s)
                 ok = "error" not in res
                 text = res["choices"][0]["text"] if ok else None
@@ -460,5 +474,6 @@ class Router(AdminRoutes):
         # Serve calls this on graceful shutdown: write what is still buffered
         try:
             await asyncio.to_thread(self.log.flush)
+            await self.upstream.close()
         except Exception:  # noqa: BLE001
             pass

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from bench.serve_vllm import server_timing
 
 TOKEN = "test-admin-token-6"
 TASK = "serve6"
@@ -108,11 +111,70 @@ def test_chat_completion_shape_and_pinning(app):
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
     assert 1 <= body["usage"]["completion_tokens"] <= 4
     # the layers' times, each holding the next (the HF replica does not split off its engine's time)
-    timing = {p.split(";dur=")[0].strip(): float(p.split(";dur=")[1]) for p in r.headers["server-timing"].split(",")}
+    timing = server_timing(r.headers["server-timing"])
     assert timing.keys() == {"router", "upstream", "replica"} and timing["router"] > timing["upstream"] > timing["replica"] > 0
+    assert _via(r) == "http"  # the router reaches the replica over HTTP through HAProxy (serving.upstream)
     pinned = c.post("/v1/chat/completions", json={"model": refs["canary"], "max_tokens": 2,
                                                   "messages": [{"role": "user", "content": "hi"}]})
     assert pinned.status_code == 200 and pinned.headers["x-crucible-model"] == refs["canary"]
+
+
+def _via(r) -> str | None:
+    """How the router reached the replica, from its ``Server-Timing`` (``upstream;desc=...``)."""
+    m = re.search(r'upstream;[^,]*desc="(\w+)"', r.headers.get("server-timing", ""))
+    return m.group(1) if m else None
+
+
+def test_model_replicas_answer_the_router_over_http_and_no_one_else(app):
+    """A model app's private route through HAProxy answers only with the app's own token (the seam's
+    dicts, a stream as JSON lines), and the router takes it. Where the route fails (a stale token after
+    a redeploy, a route gone), the call goes over the app's handle instead, and the route is asked
+    again: the real ``serving.upstream`` here, driven from the test against the running app."""
+    from ray import serve
+
+    from serving.replica import app_name
+    from serving.upstream import Upstream
+
+    c, refs = app["client"], app["refs"]
+    name = app_name(TASK, refs["canary"])
+    route = serve.get_app_handle(name).http_route.remote().result()
+    assert route["route"] == f"/_replica/{name}" and len(route["token"]) >= 32
+    messages = [{"role": "user", "content": "where is my parcel?"}]
+    params = {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0, "n": 2, "logprobs": None,
+              "max_prompt_tokens": 60, "guide": None}
+    body = {"messages": messages, "params": params}
+    for headers in ({}, {"authorization": "Bearer not-the-token"}, {"authorization": route["token"]}):
+        denied = c.post(route["route"], json=body, headers=headers)
+        assert denied.status_code == 401 and "choices" not in denied.text
+    own = {"authorization": f"Bearer {route['token']}"}
+    answer = c.post(route["route"], json=body, headers=own)
+    assert answer.status_code == 200 and answer.json()["model"] == refs["canary"], answer.text
+    assert len(answer.json()["choices"]) == 2 and answer.json()["replica_s"] > 0
+    lines = [json.loads(x) for x in c.post(route["route"], json={**body, "stream": True}, headers=own).text.splitlines()]
+    assert lines[0]["model"] == refs["canary"] and "finish_reason" in lines[-1]
+    text = answer.json()["choices"][0]["text"]
+    assert "".join(x.get("delta", "") for x in lines) == text  # greedy: the same text
+    r = c.post("/v1/chat/completions", json={"model": refs["canary"], "max_tokens": 2, "messages": messages})
+    assert r.status_code == 200 and _via(r) == "http"
+
+    async def ways():
+        up = Upstream(serve.get_app_handle)
+        up.base = app["url"]
+        seen = []
+        for bad in ({**route, "token": "from-before-a-redeploy"}, {**route, "route": "/_replica/gone"}, None):
+            if bad:
+                up.routes[name] = (time.monotonic(), bad)
+            got = await up.generate(name, messages, params)
+            seen.append((got["via"], got["choices"][0]["text"]))
+        stream = await up.stream(name, messages, params)
+        items = [item async for item in stream]
+        await up.close()
+        return seen, items
+
+    seen, items = asyncio.run(ways())
+    # the stale route falls back to the handle; the next call asks the app and is back on HTTP
+    assert seen == [("handle", text), ("handle", text), ("http", text)], seen
+    assert items == lines
 
 
 def test_saved_system_prompt_and_prompt_token_limit(app):

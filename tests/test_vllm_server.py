@@ -12,6 +12,7 @@ import shutil
 import httpx
 import pytest
 
+from bench.serve_vllm import server_timing
 from pipelines.contract import Checker
 from pipelines.engines import GenParams, get_engine, pick_engine
 from pipelines.engines.vllm_server import cpu_supports, vllm_python
@@ -168,8 +169,9 @@ def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monke
         assert r.json()["choices"][0]["message"]["content"] == base_ans.text
         assert r.json()["usage"]["prompt_tokens"] == base_ans.prompt_tokens
         # each layer times itself, and each holds the next: router > its wait on the replica > the replica > vLLM
-        timing = {part.split(";dur=")[0].strip(): float(part.split(";dur=")[1]) for part in r.headers["server-timing"].split(",")}
+        timing = server_timing(r.headers["server-timing"])
         assert timing["router"] > timing["upstream"] > timing["replica"] > timing["engine"] > 0, timing
+        assert 'upstream;' in r.headers["server-timing"] and 'desc="http"' in r.headers["server-timing"]
         assert ask(canary).json()["choices"][0]["message"]["content"] == lora_ans.text
         with client.stream("POST", "/v1/chat/completions", json={"model": canary, "messages": messages,
                                                                 "max_tokens": 8, "stream": True}) as s:
