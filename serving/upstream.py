@@ -6,8 +6,9 @@ health checks and Serve's draining apply as to any HTTP request, and the replica
 as Serve counts any (``max_ongoing_requests``, queue limits answering 503). It is the cheaper hop:
 ~1 ms p50 and ~2 ms of CPU less per request than a handle call (``serving.replica``'s figures), CPU
 that a 2-core node would otherwise take from the engine. A route that cannot be reached (no
-HAProxy on this node, the app gone or redeployed) or that the ingress answers itself (no replica
-ready, queues full) falls back to the handle for that call: nothing had reached a replica.
+HAProxy on this node, the app gone or redeployed), or an answer that is not the replica's own (the
+ingress's or Serve's: no replica ready, queues full, a replica that died) sends that call over the
+handle, which then answers as it would have (a generation has no side effect to repeat).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Upstream:
         return self.handle_for(app).options(stream=True).stream.remote(messages, params, *which)
 
     async def _call(self, app: str, route: dict, body: dict):
-        """The HTTP response, or None where the handle must take this call (nothing was sent to a replica)."""
+        """The replica's HTTP response, or None where the handle must take this call."""
         import aiohttp
 
         try:
