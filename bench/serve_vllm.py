@@ -312,6 +312,11 @@ def _cpu_s(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and all its descendants."""
+    return _cpu_s(_tree(pid, _children()))
+
+
 def _components(bare_pid: int, server_pid: int) -> dict[str, dict[str, list[int]]]:
     """The processes of each side: the bare server's tree; for crucible the replica's vLLM server tree,
     and Serve's proxy, the router and the replica (found among this run's own Ray workers by title)."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import httpx
 import pytest
 
-from bench.serve_vllm import server_timing
+from bench.serve_vllm import server_timing, tree_cpu_s
 from pipelines.contract import Checker
 from pipelines.engines import GenParams, get_engine, pick_engine
 from pipelines.engines.vllm_server import cpu_supports, vllm_python
@@ -134,7 +135,7 @@ def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monke
     second_dir = lora_adapter(models["base"], root / "second", seed=5)
     second = register_adapter(second_dir, saved)
     spec = spec_from_dict({"task": "vllmshare", "model": {"base": str(models["base"])}, "registry": uri,
-                           "deploy": {"engine": "vllm", "num_cpus": 0.5, "max_prompt_tokens": 60,
+                           "deploy": {"engine": "vllm", "num_cpus": 0.5, "max_prompt_tokens": 60, "max_new_tokens": 1000,
                                       "canary_weight": 0.5}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -178,6 +179,23 @@ def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monke
             deltas = [json.loads(line[5:])["choices"] for line in s.iter_lines()
                       if line.startswith("data:") and "[DONE]" not in line]
         assert "".join(c[0]["delta"].get("content") or "" for c in deltas if c) == lora_ans.text
+        # a client that goes away mid-stream stops the generation in vLLM, three hops down (router ->
+        # replica -> vLLM server, each closing its connection): the engine is busy while the stream is
+        # open and idle soon after it closes; left alone, the same request runs its 1000 tokens
+        assert ask(base_ref, max_tokens=1000).json()["usage"]["completion_tokens"] == 1000
+        engine = info["server_pid"]
+        with client.stream("POST", "/v1/chat/completions", json={"model": base_ref, "messages": messages,
+                                                                "max_tokens": 1000, "stream": True}) as s:
+            lines = s.iter_lines()
+            assert [next(lines) for _ in range(6)]  # the role chunk and the first tokens
+            t = tree_cpu_s(engine)
+            time.sleep(1)
+            busy = tree_cpu_s(engine) - t
+        time.sleep(1)  # the cancellation's way down
+        t = tree_cpu_s(engine)
+        time.sleep(2)
+        idle = (tree_cpu_s(engine) - t) / 2
+        assert busy > 0.3 and idle < busy / 4, (busy, idle)
         too_long = client.post("/v1/chat/completions", json={"model": canary, "max_tokens": 4,
                                                              "messages": [{"role": "user", "content": "x " * 100}]})
         assert too_long.status_code == 400 and "at most 60" in too_long.json()["error"]["message"]
@@ -207,3 +225,4 @@ def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monke
         serve.shutdown()
     with pytest.raises(httpx.HTTPError):  # the replica's server went with it
         httpx.get(url + "/v1/models", timeout=30)
+
