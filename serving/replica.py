@@ -86,11 +86,14 @@ async def answer_http(replica, request):
     args = (body["messages"], body["params"]) + ((body["model"],) if body.get("model") else ())
     if body.get("stream"):
         async def lines():
+            stream = replica.stream(*args)
             try:
-                async for item in replica.stream(*args):
+                async for item in stream:
                     yield json.dumps(item) + "\n"
             except Exception as e:  # noqa: BLE001 - the router turns it into the 502 a handle call gives
                 yield json.dumps({"failure": f"{type(e).__name__}: {e}"}) + "\n"
+            finally:  # the router went away: stop the engine now, not when the generator is collected
+                await stream.aclose()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=mark)
     try:
