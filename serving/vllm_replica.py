@@ -8,8 +8,9 @@ that when the app starts, ``host`` loads one more adapter into the running serve
 deploys it (vLLM's runtime LoRA loading, on the server's 127.0.0.1 port only). Requests are forwarded one by
 one as they come (no ``@serve.batch``): the server batches whatever is in flight at every step.
 
-It implements ``serving.replica``'s seam (``generate``, ``stream``, ``info``, ``host``, and over HTTP), so the router treats
-it like the HF ``ModelReplica``; ``generate`` and ``stream`` take an optional ``model``, one of the models it hosts.
+It implements ``serving.replica``'s seam (``generate``, ``stream``, ``info``, ``host``, ``http_route``, and
+the seam over HTTP), so the router treats it like the HF ``ModelReplica``; ``generate`` and ``stream``
+take an optional ``model``, one of the models it hosts.
 """
 
 from __future__ import annotations
