@@ -92,8 +92,9 @@ def serve_fast_path_env() -> dict[str, str]:
     loop. A driver's handles keep a loop of their own (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP``), so
     it can still call ``handle.method.remote().result()``; a replica's use the replica's loop. Measured
     here (2 cores, idle): an HTTP request to a deployment that awaits a second one, 11–12 ms p50
-    through Serve's proxy, 3 ms through HAProxy. Its metrics and stats ports are this session's (Ray's defaults are fixed ports a second
-    Ray on the machine would share; its files are per node already) and :func:`serve_on_loopback`
+    through Serve's proxy, 3 ms through HAProxy. Its metrics and stats ports are this session's
+    (Ray's defaults are fixed ports a second Ray on the machine would share; its files are per node
+    already) and :func:`serve_on_loopback`
     keeps its listeners on 127.0.0.1. ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps Serve's proxy."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1" or not _haproxy_installed():

@@ -99,9 +99,9 @@ class Call:
 def _timing(call: Call, result: dict, upstream_s: float) -> str:
     """A ``Server-Timing`` header: the router's whole time (``router``), its wait on the model replica
     (``upstream``: the hop there and back plus the replica's time; its ``desc`` says which hop, ``http``
-    or ``handle``, see ``serving.upstream``), and where the replica
-    reports them, its own time (``replica``) and its engine's (``engine``). So a client
-    (bench.serve_vllm) can tell what each layer of serving adds to the engine."""
+    or ``handle``, see ``serving.upstream``), and where the replica reports them, its own time
+    (``replica``) and its engine's (``engine``). So a client (bench.serve_vllm) can tell what each
+    layer of serving adds to the engine."""
     parts = [f"router;dur={(time.perf_counter() - call.start) * 1000:.2f}",
              f'upstream;dur={upstream_s * 1000:.2f};desc="{result.get("via", "handle")}"']
     for name in ("replica", "engine"):

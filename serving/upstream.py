@@ -55,7 +55,7 @@ class Upstream:
         else:
             self.routes.pop(app, None)
 
-    async def _post(self, app: str, route: dict, body: dict):
+    async def _post(self, route: dict, body: dict):
         import aiohttp
 
         if self.session is None:
@@ -67,31 +67,30 @@ class Upstream:
 
     async def generate(self, app: str, messages: list[dict], params: dict, *which) -> dict:
         """The replica's answer, with ``"via"``: ``"http"`` or ``"handle"``, the way it took."""
-        route = await self._route(app)
-        if route:
-            body = {"messages": messages, "params": params, **({"model": which[0]} if which else {})}
-            resp = await self._call(app, route, body)
-            if resp is not None:
-                async with resp:
-                    return {**_answer(resp.status, await resp.read()), "via": "http"}
+        resp = await self._call(app, messages, params, which, stream=False)
+        if resp is not None:
+            async with resp:
+                return {**_answer(resp.status, await resp.read()), "via": "http"}
         return {**await self.handle_for(app).generate.remote(messages, params, *which), "via": "handle"}
 
     async def stream(self, app: str, messages: list[dict], params: dict, *which):
         """An async iterator of the seam's stream items with ``cancel()``, as a streaming handle call gives."""
-        route = await self._route(app)
-        if route:
-            body = {"messages": messages, "params": params, "stream": True, **({"model": which[0]} if which else {})}
-            resp = await self._call(app, route, body)
-            if resp is not None:
-                return LineStream(resp)
+        resp = await self._call(app, messages, params, which, stream=True)
+        if resp is not None:
+            return LineStream(resp)
         return self.handle_for(app).options(stream=True).stream.remote(messages, params, *which)
 
-    async def _call(self, app: str, route: dict, body: dict):
-        """The replica's HTTP response, or None where the handle must take this call."""
+    async def _call(self, app: str, messages: list[dict], params: dict, which: tuple, *, stream: bool):
+        """The replica's HTTP response to the seam's call, or None where the handle must take it."""
         import aiohttp
 
+        route = await self._route(app)
+        if route is None:
+            return None
+        body = {"messages": messages, "params": params, **({"stream": True} if stream else {}),
+                **({"model": which[0]} if which else {})}
         try:
-            resp = await self._post(app, route, body)
+            resp = await self._post(route, body)
         except aiohttp.ClientConnectorError as e:
             log.warning("%s: its HTTP route cannot be reached (%s); using its handle", app, e)
             self._forget(app, for_a_while=True)
@@ -132,10 +131,6 @@ class LineStream:
         return self
 
     async def __anext__(self) -> dict:
-        if self.resp.status != 200:
-            raw = await self.resp.read()
-            self.resp.release()
-            _answer(self.resp.status, raw)  # raises
         line = await self.resp.content.readline()
         if not line:
             self.resp.release()
