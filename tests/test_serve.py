@@ -627,7 +627,8 @@ def _tcp_listeners() -> dict[int, tuple[str, int]]:
 
 def test_http_ingress_is_haproxy_on_loopback_only(app):
     """Local mode serves HTTP through Serve's HAProxy (infra.ray_env.serve_fast_path_env); every
-    socket it and Serve's replicas listen on is on 127.0.0.1, and its admin socket is its user's alone."""
+    socket it and Serve's replicas listen on is on 127.0.0.1, its admin socket is its user's alone, and
+    it writes no per-request metrics log."""
     import os
     import stat
 
@@ -650,6 +651,9 @@ def test_http_ingress_is_haproxy_on_loopback_only(app):
         assert {addr for addr, _ in socks} == {"127.0.0.1"}, socks  # metrics and stats frontends too
         admin = cfg.parent / "admin.sock"
         assert stat.S_IMODE(admin.stat().st_mode) & 0o077 == 0, oct(admin.stat().st_mode)
+        # no per-request log line for Serve's metrics collector to wake up for (the router's own
+        # metrics count requests, test_prometheus_metrics_on_rays_metrics_port)
+        assert "format rfc5424" not in cfg.read_text()
 
     # every Serve replica (the router's HTTP port, each replica's gRPC server for calls between
     # deployments, Ray's own worker port) listens on loopback only
