@@ -217,6 +217,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         res[k]["cpu_ms_per_request"] = {c: round(v * 1000 / len(lat[k]), 1) for c, v in cpu[k].items()}
     return {"setup": {"requests": len(messages), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                       "rounds": args.rounds, "warmup": args.warmup, "json_schema": True,
+                      "client": "aiohttp, both sides (client_session)",
                       "bare_start_s": round(bare_start_s, 1), "crucible_deploy_s": round(deploy_s, 1),
                       "crucible_replica_engine": engine},
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
