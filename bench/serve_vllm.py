@@ -8,7 +8,10 @@
   (goal < 5): per request, the client's latency minus the engine's time the replica measured around
   its call to the vLLM server (the router's ``Server-Timing`` header), i.e. all that the proxy, the
   router, the replica and the hops between them add, and ``overhead_parts_p50_ms``, that split by
-  layer (``OVERHEAD_PARTS``). ``serve_floor_ms``: the same two hops with no work in them, measured
+  layer (``OVERHEAD_PARTS``). Those are taken one request at a time (``--overhead-requests`` after the
+  rounds, or the rounds themselves at ``--concurrency 1``): with more in flight on a small CPU node a
+  request also queues for a core behind the engine, reported apart (``router_overhead_in_rounds``).
+  ``serve_floor_ms``: the same two hops with no work in them, measured
   in the same run, with the second over a Serve handle and over HTTP (the part of the overhead Serve
   itself costs here).
 - ``eval``: what ``crucible eval`` does with a set (the rows under the contract, and the model's
@@ -148,8 +151,10 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         bare, bare_start_s = bare_future.result()
         urls = {"bare": bare.url, "crucible": f"http://127.0.0.1:{port}"}
         lat = {k: [] for k in urls}
-        overhead: list[float] = []  # crucible: client latency minus the engine's time
-        parts: list[dict] = []  # of that, each layer's share (see OVERHEAD_PARTS)
+        # crucible's requests: client latency minus the engine's time, and that by layer (OVERHEAD_PARTS),
+        # in the timed rounds and in the one-at-a-time pass after them
+        rounds_overhead: tuple[list, list] = ([], [])
+        alone_overhead: tuple[list, list] = ([], [])
         info = serve.get_app_handle(f"{TASK}--{ref.rsplit('-', 1)[-1]}").info.remote().result()
         procs = _components(bare.proc.pid, info["server_pid"])
         cpu = {k: dict.fromkeys(procs[k], 0.0) for k in procs}
@@ -159,22 +164,20 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         async def run():
             clients = {k: client_session(u, args.concurrency) for k, u in urls.items()}
             try:
-                async def one(k, i):
+                async def one(k, i, sink=None):
                     t = time.perf_counter()
                     async with clients[k].post("/v1/chat/completions", json=bodies[k](messages[i])) as r:
                         r.raise_for_status()
                         raw = await r.read()
                     took = time.perf_counter() - t  # as the replica times the engine: the call and the body read
                     timing = server_timing(r.headers.get("server-timing", ""))
-                    if timing.get("engine") is not None:
-                        overhead.append(took - timing["engine"] / 1000)
-                        parts.append(overhead_parts(took * 1000, timing))
+                    if sink is not None and timing.get("engine") is not None:
+                        sink[0].append((took - timing["engine"] / 1000) * 1000)
+                        sink[1].append(overhead_parts(took * 1000, timing))
                     return took, json.loads(raw)["choices"][0]["message"]["content"]
 
                 for k in urls:  # warm-up
                     await asyncio.gather(*(one(k, i % len(messages)) for i in range(args.warmup)))
-                overhead.clear()
-                parts.clear()
                 per = -(-len(messages) // args.rounds)
                 for rd in range(args.rounds):
                     idx = list(range(rd * per, min(len(messages), (rd + 1) * per)))
@@ -183,7 +186,7 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
 
                         async def go(i, k=k):
                             async with sem:
-                                took, text = await one(k, i)
+                                took, text = await one(k, i, rounds_overhead)
                                 lat[k].append(took)
                                 answers[k][i] = text
 
@@ -193,6 +196,9 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
                         secs[k] += time.perf_counter() - t
                         for c, ps in procs[k].items():
                             cpu[k][c] += _cpu_s(ps) - before[c]
+                if args.concurrency > 1:  # what the layers add without queueing for the cores behind others
+                    for i in range(args.overhead_requests):
+                        await one("crucible", i % len(messages), alone_overhead)
             finally:
                 for c in clients.values():
                     await c.close()
@@ -217,15 +223,14 @@ def bench_serve(args, model: Path, tmp: Path) -> dict:
         res[k]["cpu_ms_per_request"] = {c: round(v * 1000 / len(lat[k]), 1) for c, v in cpu[k].items()}
     return {"setup": {"requests": len(messages), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                       "rounds": args.rounds, "warmup": args.warmup, "json_schema": True,
+                      "overhead_requests": args.overhead_requests if args.concurrency > 1 else None,
                       "client": "aiohttp, both sides (client_session)",
                       "bare_start_s": round(bare_start_s, 1), "crucible_deploy_s": round(deploy_s, 1),
                       "crucible_replica_engine": engine},
             **res, "req_per_s_ratio_crucible_vs_bare": round(res["crucible"]["req_per_s"] / res["bare"]["req_per_s"], 3),
-            "router_overhead_p50_ms": round(percentile([x * 1000 for x in overhead], 50), 2) if overhead else None,
-            "router_overhead_p95_ms": round(percentile([x * 1000 for x in overhead], 95), 2) if overhead else None,
-            # the overhead's split by layer, p50 of each (so they need not add up to the p50 above)
-            "overhead_parts_p50_ms": {name: round(percentile([p[name] for p in parts], 50), 2) for name in OVERHEAD_PARTS}
-            if parts else None,
+            # the goal's figure: one request in flight (the rounds' own where --concurrency is 1)
+            **overhead_stats(*(rounds_overhead if args.concurrency == 1 else alone_overhead)),
+            "router_overhead_in_rounds": {"in_flight": args.concurrency, **overhead_stats(*rounds_overhead)},
             "same_answers_crucible_vs_bare": answers["crucible"] == answers["bare"],
             "serve_floor_ms": floor}
 
@@ -369,6 +374,15 @@ def overhead_parts(took_ms: float, timing: dict[str, float]) -> dict[str, float]
             "hop": timing["upstream"] - timing["replica"], "replica": timing["replica"] - timing["engine"]}
 
 
+def overhead_stats(overhead_ms: list[float], parts: list[dict]) -> dict:
+    """p50 and p95 of the router overhead, and the p50 of each layer's part (so they need not add up)."""
+    if not overhead_ms:
+        return {"router_overhead_p50_ms": None, "router_overhead_p95_ms": None, "overhead_parts_p50_ms": None}
+    return {"router_overhead_p50_ms": round(percentile(overhead_ms, 50), 2),
+            "router_overhead_p95_ms": round(percentile(overhead_ms, 95), 2),
+            "overhead_parts_p50_ms": {name: round(percentile([p[name] for p in parts], 50), 2) for name in OVERHEAD_PARTS}}
+
+
 def server_timing(header: str) -> dict[str, float]:
     """``Server-Timing`` entries as {name: milliseconds} (their ``desc`` left out)."""
     out = {}
@@ -481,6 +495,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--overhead-requests", type=int, default=24,
+                    help="crucible requests sent one at a time after the rounds, for the router overhead "
+                         "(where --concurrency is over 1)")
     ap.add_argument("--batch-size", type=int, default=16, help="the HF engine's batch size in the eval part")
     ap.add_argument("--eval-rounds", type=int, default=3,
                     help="eval part: rounds of --n fresh rows each, the engines alternating order")
@@ -492,6 +509,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.small:
         args.toy, args.n, args.max_tokens, args.rounds, args.warmup, args.eval_rounds = True, 8, 8, 1, 2, 1
+        args.overhead_requests = 4
     from bench.run import local_env, machine, save
     from pipelines.engines.vllm_server import vllm_python
 
