@@ -94,10 +94,10 @@ def serve_fast_path_env() -> dict[str, str]:
     here (2 cores, idle): an HTTP request to a deployment that awaits a second one, 11–12 ms p50
     through Serve's proxy, 3 ms through HAProxy. Its metrics and stats ports are this session's
     (Ray's defaults are fixed ports a second Ray on the machine would share; its files are per node
-    already) and :func:`serve_on_loopback`
-    keeps its listeners on 127.0.0.1. Serve's HTTP ingress metrics (``serve_num_http_requests`` and
-    its family, from HAProxy's request log) are off: ``RAY_SERVE_HAPROXY_METRICS_ENABLED=1`` turns them
-    on. ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps Serve's proxy."""
+    already) and :func:`serve_on_loopback` keeps its listeners on 127.0.0.1. Serve's HTTP ingress
+    metrics (``serve_num_http_requests`` and its family, from HAProxy's request log) are off:
+    ``RAY_SERVE_HAPROXY_METRICS_ENABLED=1`` turns them on. ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps
+    Serve's proxy."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1" or not _haproxy_installed():
         # without HAProxy, direct ingress (on in the throughput settings) would leave HTTP with no proxy

@@ -225,4 +225,3 @@ def test_canary_adapters_share_productions_vllm_replica(models, ray_local, monke
         serve.shutdown()
     with pytest.raises(httpx.HTTPError):  # the replica's server went with it
         httpx.get(url + "/v1/models", timeout=30)
-
