@@ -122,19 +122,26 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
     return rows, wall
 
 
-def perf(rows: list[dict], wall_s: float) -> dict[str, float]:
+def perf(rows: list[dict], generated: dict[str, Any]) -> dict[str, Any]:
+    """Latency of these rows, throughput of the pass that generated them (``generated``: its
+    ``examples``, ``wall_s``, ``sets`` and ``fanned_out``; a pass covers every set of the systems on
+    one engine, so its rate is each set's)."""
     import numpy as np
 
     lat = [r["latency_s"] for r in rows] or [0.0]
     toks = sum(r["completion_tokens"] for r in rows)
+    wall, n = generated["wall_s"], generated["examples"]
+    share = len(rows) / n if n else 0.0  # the pass's wall time in proportion to these rows
     return {"latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
-            "tokens_per_s": toks / wall_s if wall_s > 0 else 0.0,
-            "examples_per_s": len(rows) / wall_s if wall_s > 0 else 0.0,
-            "completion_tokens": toks, "wall_s": wall_s}
+            "tokens_per_s": toks / (wall * share) if wall > 0 and share else 0.0,
+            "examples_per_s": n / wall if wall > 0 else 0.0,
+            "completion_tokens": toks, "wall_s": wall, "pass_examples": n, "pass_sets": list(generated["sets"]),
+            "fanned_out": bool(generated.get("fanned_out", False))}
 
 
-def summarize(rows: list[dict], kind: str, labels: list[str] | None, wall_s: float, *, n_boot: int,
+def summarize(rows: list[dict], kind: str, labels: list[str] | None, generated: dict[str, Any], *, n_boot: int,
               seed: int) -> dict[str, Any]:
+    """Metrics with CIs, failure counts and ``perf`` (see ``perf``) of one set's rows."""
     fn = lambda rs: M.aggregate(kind, rs, labels)  # noqa: E731
     failures: dict[str, int] = {}
     for r in rows:
@@ -143,7 +150,7 @@ def summarize(rows: list[dict], kind: str, labels: list[str] | None, wall_s: flo
             failures[key] = failures.get(key, 0) + 1
     ci, ci_method = M.intervals(kind, rows, labels, n=n_boot, seed=seed)
     out = {"n": len(rows), "metrics": fn(rows), "ci": ci, "ci_method": ci_method,
-           "perf": perf(rows, wall_s), "failures": failures}
+           "perf": perf(rows, generated), "failures": failures}
     if kind == "label":
         out["labels"] = M.label_report(rows, list(labels or sorted({r["ref_label"] for r in rows})))
     return out
