@@ -38,7 +38,7 @@ class HTTPEngine:
 
     def __init__(self, url: str, model: str | None = None, *, api_key_env: str | None = None,
                  concurrency: int = 8, retries: int = 4, timeout_s: float = 120.0, backoff_s: float = 0.5,
-                 headers: dict | None = None):
+                 headers: dict | None = None, stream_interval: int | None = None):
         import httpx
 
         if not url or "://" not in url:
@@ -50,6 +50,9 @@ class HTTPEngine:
         self.backoff_s = backoff_s
         self.default_system_prompt = None
         self.default_guide = None
+        # vLLM's own request field: a watched stream (``stop_outside``) sends its first token at once and
+        # then every ``stream_interval`` tokens; other servers (OpenAI, ours) answer 400 to it
+        self.stream_interval = stream_interval
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -95,6 +98,9 @@ class HTTPEngine:
             watch = compiled(params.stop_outside)
         if watch is not None:
             body.update(stream=True, stream_options={"include_usage": True})
+            if self.stream_interval:  # usage in every chunk: a cut stream's token count, chunks holding several
+                body["stream_interval"] = self.stream_interval
+                body["stream_options"]["continuous_usage_stats"] = True
         last = ""
         for attempt in range(self.retries + 1):
             start = time.perf_counter()
@@ -148,7 +154,8 @@ def _watched(response, guide, start: float, attempt: int) -> Completion:
             reason = choice.get("finish_reason") or reason
         if state is None:
             response.close()
-            return Completion(text=text, completion_tokens=pieces, finish_reason="stop",
+            return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                              completion_tokens=int(usage.get("completion_tokens", pieces)), finish_reason="stop",
                               latency_s=time.perf_counter() - start, extra={"retries": attempt, "left_guide": True})
     return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
                       completion_tokens=int(usage.get("completion_tokens", pieces)),

@@ -284,7 +284,7 @@ class VLLMServerEngine:
 
     def __init__(self, model: str, registry=None, *, adapter: str | None = None, max_model_len: int = 2048,
                  dtype: str = "auto", trust_remote_code: bool = False, concurrency: int | None = None,
-                 merge_adapter: bool = True, **server_kwargs):
+                 merge_adapter: bool = True, stream_interval: int = 8, **server_kwargs):
         from pipelines.engines.http import HTTPEngine
         from pipelines.engines.loading import resolve_model
         from pipelines.modeling import load_tokenizer
@@ -305,7 +305,8 @@ class VLLMServerEngine:
         # as many requests in flight as the server schedules at once (``max_num_seqs``): fewer leaves
         # a second, small wave at the end of a set (40 rows at 32: 4.3 examples/s; at 64: 5.9)
         self.http = HTTPEngine(self.server.url, "adapter" if loras else self.server.served_name,
-                               concurrency=concurrency or self.server.max_num_seqs, retries=1, timeout_s=900.0)
+                               concurrency=concurrency or self.server.max_num_seqs, retries=1, timeout_s=900.0,
+                               stream_interval=stream_interval)
 
     def render(self, chat: Chat) -> str:
         return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
