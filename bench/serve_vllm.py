@@ -14,9 +14,10 @@
   ``serve_floor_ms``: the same two hops with no work in them, measured
   in the same run, with the second over a Serve handle and over HTTP (the part of the overhead Serve
   itself costs here).
-- ``eval``: what ``crucible eval`` does with a set (the rows under the contract, and the model's
-  own validity without it), by the engine ``auto`` picks (vLLM here) and by the HF engine, in
-  ``--eval-rounds`` rounds of ``--n`` fresh rows, the engines alternating: examples/s ratio (goal ≥ 3),
+- ``eval``: what ``crucible eval`` does with a model's sets, one pass over all of them (the rows under
+  the contract, and the model's own validity without it), by the engine ``auto`` picks (vLLM here) and
+  by the HF engine, in ``--eval-rounds`` rounds of ``--eval-rows`` fresh rows (120: the demo's three sets
+  of 40), the engines alternating: examples/s ratio (goal ≥ 3),
   whether the metrics agree (valid rate, unconstrained valid rate, intent accuracy, identical outputs)
   and each engine's share of the node's fp32 matmul peak. A fine-tuned model: ``--model DIR --system PROMPT``.
 
@@ -410,10 +411,11 @@ def body_and_head_params(model: Path) -> tuple[int, int]:
 
 
 def bench_eval(args, model: Path) -> dict:
-    """What ``crucible eval`` does per set (``runner.generate_rows``: the rows under the contract and
-    the model's own validity without it), timed end to end, on the engine ``auto`` picks and on HF.
+    """What ``crucible eval`` does per pass over a model's sets (``runner.generate_rows``: the rows under
+    the contract and the model's own validity without it), timed end to end, on the engine ``auto``
+    picks and on HF.
 
-    ``--eval-rounds`` rounds, each on ``--n`` rows of its own (a row seen twice would hit vLLM's prefix
+    ``--eval-rounds`` rounds, each on ``--eval-rows`` rows of its own (a row seen twice would hit vLLM's prefix
     cache), the two engines alternating which goes first, both loaded throughout: a slow moment of a
     shared host falls on both sides, and the figure is their total time over every round."""
     from pipelines.contract import Checker
@@ -424,7 +426,7 @@ def bench_eval(args, model: Path) -> dict:
     from pipelines.spec import Contract
     from pipelines.train.perf import peak_flops
 
-    rs = rows(args.n * args.eval_rounds + 2)
+    rs = rows(args.eval_rows * args.eval_rounds + 2)
     cs, warm, rs = chats(rs[:-2], args.system), chats(rs[-2:], args.system), rs[:-2]
     checker = Checker(Contract(type="json", schema=SCHEMA, constrained_decoding=True))
     params = GenParams(max_new_tokens=args.max_tokens, guide=json.dumps({"json_schema": SCHEMA}))
@@ -437,7 +439,7 @@ def bench_eval(args, model: Path) -> dict:
     seconds = {"auto": [], "hf": []}
     got = {"auto": [], "hf": []}
     for rd in range(args.eval_rounds):
-        part = slice(rd * args.n, (rd + 1) * args.n)
+        part = slice(rd * args.eval_rows, (rd + 1) * args.eval_rows)
         examples = [Example(id=str(i), chat=c) for i, c in enumerate(cs[part])]
         for name in (("auto", "hf") if rd % 2 == 0 else ("hf", "auto")):
             t0 = time.perf_counter()
@@ -447,7 +449,7 @@ def bench_eval(args, model: Path) -> dict:
     tok = load_tokenizer(str(model))
     prompt_tokens = sum(len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]) for c in cs)
-    peak = peak_flops("fp32")
+    peak = peak_flops("fp32", cache=False)  # this run's, not a probe cached from a busy moment
     body, head = body_and_head_params(model)
     out = {}
     for name, engine in engines.items():
@@ -472,9 +474,9 @@ def bench_eval(args, model: Path) -> dict:
     engines.clear()
     same = sum(a["output"] == b["output"] for a, b in zip(got["auto"], got["hf"])) / len(cs)
     per_round = [round(h / a, 3) for a, h in zip(seconds["auto"], seconds["hf"])]
-    return {"setup": {"rows": len(cs), "rounds": args.eval_rounds, "rows_per_round": args.n,
+    return {"setup": {"rows": len(cs), "rounds": args.eval_rounds, "rows_per_round": args.eval_rows,
                       "max_new_tokens": args.max_tokens, "hf_batch_size": args.batch_size,
-                      "guide": "support-triage JSON schema", "timed": "runner.generate_rows, as crucible eval",
+                      "guide": "support-triage JSON schema", "timed": "runner.generate_rows, one pass as crucible eval makes over a model's sets",
                       "fp32_matmul_peak_gflops": round(peak / 1e9)},
             **out, "examples_per_s_ratio_vllm_vs_hf": round(out["auto"]["examples_per_s"] / out["hf"]["examples_per_s"], 3),
             "ratio_per_round": per_round,
@@ -498,9 +500,13 @@ def main() -> None:
     ap.add_argument("--overhead-requests", type=int, default=24,
                     help="crucible requests sent one at a time after the rounds, for the router overhead "
                          "(where --concurrency is over 1)")
-    ap.add_argument("--batch-size", type=int, default=16, help="the HF engine's batch size in the eval part")
+    ap.add_argument("--batch-size", type=int, default=20,
+                    help="the HF engine's batch size in the eval part (the demo spec's eval.batch_size)")
+    ap.add_argument("--eval-rows", type=int, default=120,
+                    help="eval part: rows per round, one pass as crucible eval generates every set of a model "
+                         "(the demo: three sets of 40)")
     ap.add_argument("--eval-rounds", type=int, default=3,
-                    help="eval part: rounds of --n fresh rows each, the engines alternating order")
+                    help="eval part: rounds of --eval-rows fresh rows each, the engines alternating order")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--system", default=SYSTEM, help="the system prompt of every chat (a fine-tuned model's own)")
     ap.add_argument("--part", choices=("serve", "eval", "both"), default="both")
@@ -509,6 +515,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.small:
         args.toy, args.n, args.max_tokens, args.rounds, args.warmup, args.eval_rounds = True, 8, 8, 1, 2, 1
+        args.eval_rows = 8
         args.overhead_requests = 4
     from bench.run import local_env, machine, save
     from pipelines.engines.vllm_server import vllm_python
