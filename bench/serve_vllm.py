@@ -426,6 +426,8 @@ def bench_eval(args, model: Path) -> dict:
     from pipelines.spec import Contract
     from pipelines.train.perf import peak_flops
 
+    # this run's peak, probed before any engine starts (not a probe cached from a busy moment)
+    peak = peak_flops("fp32", cache=False)
     rs = rows(args.eval_rows * args.eval_rounds + 2)
     cs, warm, rs = chats(rs[:-2], args.system), chats(rs[-2:], args.system), rs[:-2]
     checker = Checker(Contract(type="json", schema=SCHEMA, constrained_decoding=True))
@@ -449,7 +451,6 @@ def bench_eval(args, model: Path) -> dict:
     tok = load_tokenizer(str(model))
     prompt_tokens = sum(len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False)["input_ids"]) for c in cs)
-    peak = peak_flops("fp32", cache=False)  # this run's, not a probe cached from a busy moment
     body, head = body_and_head_params(model)
     out = {}
     for name, engine in engines.items():
