@@ -123,20 +123,18 @@ def generate_rows(engine, examples: list[Example], chats: list[list[dict]], chec
 
 
 def perf(rows: list[dict], generated: dict[str, Any]) -> dict[str, Any]:
-    """Latency of these rows, throughput of the pass that generated them (``generated``: its
-    ``examples``, ``wall_s``, ``sets`` and ``fanned_out``; a pass covers every set of the systems on
-    one engine, so its rate is each set's)."""
+    """Latency of these rows; throughput of the pass that generated them (``generated``: its
+    ``examples``, ``completion_tokens``, ``wall_s``, ``sets`` and ``fanned_out``). A pass covers every
+    set of the systems on one engine, so its rate is each of those sets' rate."""
     import numpy as np
 
     lat = [r["latency_s"] for r in rows] or [0.0]
-    toks = sum(r["completion_tokens"] for r in rows)
     wall, n = generated["wall_s"], generated["examples"]
-    share = len(rows) / n if n else 0.0  # the pass's wall time in proportion to these rows
     return {"latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
-            "tokens_per_s": toks / (wall * share) if wall > 0 and share else 0.0,
+            "tokens_per_s": generated["completion_tokens"] / wall if wall > 0 else 0.0,
             "examples_per_s": n / wall if wall > 0 else 0.0,
-            "completion_tokens": toks, "wall_s": wall, "pass_examples": n, "pass_sets": list(generated["sets"]),
-            "fanned_out": bool(generated.get("fanned_out", False))}
+            "completion_tokens": sum(r["completion_tokens"] for r in rows), "wall_s": wall,
+            "pass_examples": n, "pass_sets": list(generated["sets"]), "fanned_out": bool(generated.get("fanned_out"))}
 
 
 def summarize(rows: list[dict], kind: str, labels: list[str] | None, generated: dict[str, Any], *, n_boot: int,
