@@ -266,6 +266,9 @@ def main() -> None:
     from pipelines.train import perf, resolve_packing
 
     started = time.time()
+    # Probed in this run, on the idle node, before anything trains: this also mends the per-node cache
+    # that `crucible train` reads for its MFU, should a busy moment have written a low figure there
+    probe = {k: perf.peak_flops(k, cache=False) for k in ("fp32", "bf16")}
     with tempfile.TemporaryDirectory(prefix="crucible-bench-train-") as tmp:
         model_dir, described = model_folder(args.model, Path(tmp))
         uri = f"file://{tmp}/registry"
@@ -287,7 +290,6 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-    probe = {k: perf.peak_flops(k) for k in ("fp32", "bf16")}
     if ours["peak_flops"]:  # one peak for both MFUs (probes under contention vary), so they compare
         plain["mfu"] = plain["model_flops"] / plain["train_seconds"] / ours["peak_flops"]
         plain["peak_flops"] = ours["peak_flops"]

@@ -176,6 +176,14 @@ def test_precision_probe_is_cached_and_auto_follows_the_measurement(tmp_path, mo
     table[key] = 123.0
     (tmp_path / "peak-flops.json").write_text(json.dumps(table))
     assert perf.peak_flops("fp32") == 123.0
+    # A fresh probe (a benchmark's) returns what it measured and mends a cached figure below it...
+    fresh = perf.peak_flops("fp32", cache=False)
+    assert fresh > 1e8 and perf.peak_flops("fp32") == fresh
+    # ...but never lowers one: a probe on a busy node must not undo a good one
+    table = json.loads((tmp_path / "peak-flops.json").read_text())
+    table[key] = 1e18
+    (tmp_path / "peak-flops.json").write_text(json.dumps(table))
+    assert perf.peak_flops("fp32", cache=False) < 1e18 and perf.peak_flops("fp32") == 1e18
 
 
 def test_step_flops_matches_the_6n_rule_for_full_training(tiny_model):

@@ -76,19 +76,23 @@ def measure_matmul_flops(dtype: str, device: str = "cpu", *, seconds: float = 0.
 
 
 def peak_flops(dtype: str, device: str = "cpu", *, cache: bool = True) -> float:
-    """The node's measured peak for ``dtype`` matmuls, probed once and cached per node."""
+    """The node's measured peak for ``dtype`` matmuls, probed once and cached per node.
+
+    ``cache=False`` probes now (a benchmark's own run) and returns that; it still raises the cached
+    figure when the new probe is higher, so a first probe taken while the node was busy (which would
+    understate every later MFU) is mended by the next fresh one."""
     key = _probe_key(device, dtype)
     path = _cache_file()
     table: dict = {}
-    if cache and path.exists():
+    if path.exists():
         try:
             table = json.loads(path.read_text())
         except ValueError:
             table = {}  # a torn write from a concurrent probe: measure again
-        if key in table:
-            return float(table[key])
+    if cache and key in table:
+        return float(table[key])
     value = measure_matmul_flops(dtype, device)
-    if cache:
+    if value > float(table.get(key, 0.0)):
         table[key] = value
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
