@@ -154,13 +154,12 @@ def _watched(response, guide, start: float, attempt: int) -> Completion:
             reason = choice.get("finish_reason") or reason
         if state is None:
             response.close()
-            return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                              completion_tokens=int(usage.get("completion_tokens", pieces)), finish_reason="stop",
-                              latency_s=time.perf_counter() - start, extra={"retries": attempt, "left_guide": True})
+            break
+    extra = {"retries": attempt, **({"left_guide": True} if state is None else {})}
     return Completion(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
                       completion_tokens=int(usage.get("completion_tokens", pieces)),
-                      finish_reason="length" if reason == "length" else "stop",
-                      latency_s=time.perf_counter() - start, extra={"retries": attempt})
+                      finish_reason="length" if reason == "length" and state is not None else "stop",
+                      latency_s=time.perf_counter() - start, extra=extra)
 
 
 def _parse(data: dict, latency: float, attempt: int) -> Completion:
